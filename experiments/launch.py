@@ -1,0 +1,85 @@
+"""Shared command line of the experiments: flags, stage checks, dispatch.
+
+  python -m experiments.<dataset> --workdir=DIR [--config=FILE]
+      [--config.FIELD=VALUE ...] [--stages=bank,parse,...]
+
+The stages run in the order given; each skips itself when its artifact in DIR
+is current for the configuration.
+"""
+
+import os
+from collections.abc import Callable
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import configs
+from npdraw_jax import pipeline
+
+# Stage name -> function(config, workdir). Later stages join as they land.
+STAGES: dict[str, Callable] = {
+  'bank': pipeline.run_bank,
+  'parse': pipeline.run_parse,
+}
+PLANNED_STAGES = ('prior', 'vae', 'eval')
+DEFAULT_STAGES = tuple(STAGES)
+
+
+def check_stages(names: list[str]) -> list[str]:
+  """Fails clearly on an unknown or not yet available stage, before any work."""
+  for name in names:
+    if name in PLANNED_STAGES:
+      raise app.UsageError(
+        f'Stage {name!r} is not available yet in this version of npdraw-jax; '
+        f'available stages: {",".join(STAGES)}.'
+      )
+    if name not in STAGES:
+      raise app.UsageError(
+        f'Unknown stage {name!r}; stages: {",".join((*STAGES, *PLANNED_STAGES))}.'
+      )
+  if not names:
+    raise app.UsageError('--stages is empty.')
+  return names
+
+
+def _hide_accelerators_from_tensorflow():
+  """tf.data only feeds the host; without this TF grabs GPU memory."""
+  import tensorflow as tf  # Imported here: only the tfds source needs it.
+
+  tf.config.set_visible_devices([], 'GPU')
+
+
+def run(config_name: str) -> None:
+  """Defines the flags with configs/<config_name>.py as default and runs."""
+  default_config = os.path.join(os.path.dirname(configs.__file__), f'{config_name}.py')
+  config_flags.DEFINE_config_file(
+    'config', default_config, 'Configuration file.', lock_config=True
+  )
+  flags.DEFINE_string('workdir', None, 'Directory for artifacts and checkpoints.')
+  flags.DEFINE_list('stages', list(DEFAULT_STAGES), 'Stages to run, in order.')
+  flags.mark_flag_as_required('workdir')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    stages = check_stages(flags.FLAGS.stages)
+    config = flags.FLAGS.config
+    workdir = os.path.abspath(flags.FLAGS.workdir)
+    if config.data.source == 'tfds':
+      _hide_accelerators_from_tensorflow()
+    logging.info(
+      'JAX process %d of %d, %d local / %d global devices (%s).',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+    )
+    os.makedirs(workdir, exist_ok=True)
+    for name in stages:
+      logging.info('=== Stage %s ===', name)
+      STAGES[name](config, workdir)
+    logging.info('Done: %s in %s.', ','.join(stages), workdir)
+
+  app.run(main)

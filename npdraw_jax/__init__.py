@@ -1,0 +1,3 @@
+"""NP-DRAW in JAX and Flax."""
+
+__version__ = '0.1.0'

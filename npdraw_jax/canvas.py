@@ -1,0 +1,203 @@
+"""The location grid and the canvas renderer (spec sections 1 and 5).
+
+A drawing is a sequence of T steps; step t pastes part `what_t` of the bank at
+grid location `where_t` when `pres_t` is set, and the canvas keeps the
+element-wise maximum of everything pasted so far. Parts that overhang the
+canvas border are clipped.
+
+Two ways to put a part on the canvas:
+- `paste`: hard integer location, pad-and-slice (`lax.dynamic_update_slice`).
+- `place`: a weight per location (one-hot or soft), a linear map built from
+  the separable row/column placement matrices; gradients reach the weights.
+"""
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """Geometry of the latent canvas: hashable, so it can be a static argument.
+
+  Attributes:
+    canvas_size: side Hc = Wc of the square canvas.
+    patch_size: side p of a part.
+    stride: s, the spacing of the candidate top-left corners.
+  """
+
+  canvas_size: int
+  patch_size: int
+  stride: int
+
+  def __post_init__(self):
+    if min(self.canvas_size, self.patch_size, self.stride) < 1:
+      raise ValueError(f'Grid sizes must be positive, got {self}.')
+    if self.patch_size > self.canvas_size:
+      raise ValueError(f'patch_size {self.patch_size} exceeds the canvas {self}.')
+
+  @property
+  def side(self) -> int:
+    """G = ceil(Hc / s): locations per row and per column."""
+    return math.ceil(self.canvas_size / self.stride)
+
+  @property
+  def num_locations(self) -> int:
+    """L = G * G."""
+    return self.side * self.side
+
+  def corners(self) -> np.ndarray:
+    """Top-left corner (row, col) of every location in raster order, [L, 2]."""
+    starts = np.arange(self.side) * self.stride
+    rows, cols = np.meshgrid(starts, starts, indexing='ij')
+    return np.stack([rows.ravel(), cols.ravel()], axis=-1).astype(np.int32)
+
+  def axis_placement(self) -> np.ndarray:
+    """R[g, y, i] = 1 where part row i lands on canvas row y at grid row g.
+
+    Rows past the border are dropped (clipping). Shape [G, Hc, p], float32;
+    the same matrix serves the columns since the grid is square.
+    """
+    g = np.arange(self.side)[:, None, None]
+    y = np.arange(self.canvas_size)[None, :, None]
+    i = np.arange(self.patch_size)[None, None, :]
+    return (y == g * self.stride + i).astype(np.float32)
+
+
+def paste(grid: Grid, parts: jax.Array, where: jax.Array) -> jax.Array:
+  """Pastes each part at its integer location on an all-zero canvas.
+
+  Args:
+    grid: the canvas geometry.
+    parts: [..., p, p, C] parts.
+    where: [...] int location indices in [0, L).
+
+  Returns:
+    [..., Hc, Wc, C] canvases holding one (clipped) part each.
+  """
+  p, channels = grid.patch_size, parts.shape[-1]
+  chex.assert_shape(parts, (*where.shape, p, p, channels))
+  # Pad so that a part at the last grid location fits before the crop.
+  padded = max(grid.canvas_size, (grid.side - 1) * grid.stride + p)
+  corners = jnp.asarray(grid.corners())
+
+  def paste_one(part, loc):
+    row, col = corners[loc, 0], corners[loc, 1]
+    zeros = jnp.zeros((padded, padded, channels), part.dtype)
+    full = jax.lax.dynamic_update_slice(zeros, part, (row, col, 0))
+    return full[: grid.canvas_size, : grid.canvas_size]
+
+  flat = jax.vmap(paste_one)(
+    parts.reshape(-1, p, p, channels), where.reshape(-1).astype(jnp.int32)
+  )
+  return flat.reshape(*where.shape, grid.canvas_size, grid.canvas_size, channels)
+
+
+def place(grid: Grid, parts: jax.Array, where_weights: jax.Array) -> jax.Array:
+  """Places parts with a weight per location: sum_l w_l * paste(part, l).
+
+  Exact for one-hot weights, linear in both arguments, so gradients reach a
+  relaxed (e.g. straight-through) `where`. The placement tensor factorises
+  into row and column matrices, so no [L, Hc, Wc, p, p] tensor is built.
+
+  Args:
+    grid: the canvas geometry.
+    parts: [..., p, p, C] parts.
+    where_weights: [..., L] weights over locations.
+
+  Returns:
+    [..., Hc, Wc, C].
+  """
+  side = grid.side
+  chex.assert_shape(where_weights, (*parts.shape[:-3], grid.num_locations))
+  placement = jnp.asarray(grid.axis_placement())  # [G, H, p]
+  weights = where_weights.reshape(*where_weights.shape[:-1], side, side)
+  # Rows first, then the location weights, then the columns: the cheapest order.
+  rows = jnp.einsum('gyi,...ijc->...gyjc', placement, parts)
+  mixed = jnp.einsum('...ab,...ayjc->...byjc', weights, rows)
+  out = jnp.einsum('...byjc,bxj->...yxc', mixed, placement)
+  return out
+
+
+def accumulate(placed: jax.Array, pres: jax.Array) -> jax.Array:
+  """Canvases after every step: c_t = max(c_{t-1}, pres_t * placed_t), c_0 = 0.
+
+  Args:
+    placed: [..., T, H, W, C] non-negative pasted parts, one per step.
+    pres: [..., T] in [0, 1] (bool or relaxed).
+
+  Returns:
+    [..., T, H, W, C] c_1 .. c_T.
+  """
+  chex.assert_equal_shape_prefix([placed, pres], pres.ndim)
+  drawn = placed * pres.astype(placed.dtype)[..., None, None, None]
+  # The running max equals the recursion because parts are >= 0 and c_0 = 0.
+  return jax.lax.cummax(drawn, axis=pres.ndim - 1)
+
+
+def render_steps(
+  grid: Grid, bank: jax.Array, pres: jax.Array, where: jax.Array, what: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Hard rendering: canvas and location map after every step.
+
+  Args:
+    grid: the canvas geometry.
+    bank: [K, p, p, C] parts.
+    pres: [..., T] bool.
+    where: [..., T] int locations.
+    what: [..., T] int part indices.
+
+  Returns:
+    canvases [..., T, Hc, Wc, C] and location maps [..., T, Hc, Wc, 1].
+  """
+  chex.assert_equal_shape([pres, where, what])
+  parts = jnp.take(bank, what, axis=0)
+  canvases = accumulate(paste(grid, parts, where), pres)
+  boxes = paste(
+    grid, jnp.ones((*where.shape, grid.patch_size, grid.patch_size, 1)), where
+  )
+  return canvases, accumulate(boxes, pres)
+
+
+def render(
+  grid: Grid, bank: jax.Array, pres: jax.Array, where: jax.Array, what: jax.Array
+) -> jax.Array:
+  """Hard rendering of the final canvas c_T, [..., Hc, Wc, C] (see render_steps)."""
+  chex.assert_equal_shape([pres, where, what])
+  parts = jnp.take(bank, what, axis=0)
+  drawn = paste(grid, parts, where) * pres[..., None, None, None].astype(bank.dtype)
+  return jnp.max(drawn, axis=pres.ndim - 1)
+
+
+def render_relaxed_steps(
+  grid: Grid,
+  bank: jax.Array,
+  pres: jax.Array,
+  where_weights: jax.Array,
+  what_weights: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Relaxed rendering: soft `what`, one-hot (or soft) `where`, `pres` in [0, 1].
+
+  The part of step t is sum_k what_weights[t, k] * bank[k]; gradients flow to
+  all three inputs.
+
+  Args:
+    grid: the canvas geometry.
+    bank: [K, p, p, C] parts.
+    pres: [..., T] in [0, 1].
+    where_weights: [..., T, L].
+    what_weights: [..., T, K].
+
+  Returns:
+    canvases [..., T, Hc, Wc, C] and location maps [..., T, Hc, Wc, 1].
+  """
+  chex.assert_shape(where_weights, (*pres.shape, grid.num_locations))
+  chex.assert_shape(what_weights, (*pres.shape, bank.shape[0]))
+  parts = jnp.einsum('...k,kijc->...ijc', what_weights, bank)
+  canvases = accumulate(place(grid, parts, where_weights), pres)
+  ones = jnp.ones((*pres.shape, grid.patch_size, grid.patch_size, 1), bank.dtype)
+  return canvases, accumulate(place(grid, ones, where_weights), pres)

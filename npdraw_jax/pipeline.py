@@ -1,0 +1,177 @@
+"""The non-parametric stages: part bank and parses, written under the workdir.
+
+Each stage records the settings it ran with; a rerun with the same settings
+skips it, and a changed setting rebuilds it (and, through the recorded bank
+settings, every parse made from the old bank).
+"""
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from npdraw_jax import artifacts, input_pipeline, parsing, partbank, pictures
+from npdraw_jax import canvas as canvas_lib
+
+PARTBANK_FILE = 'partbank.npz'
+PARSES_FILE = 'parses.npz'
+SPLITS = ('train', 'test')
+
+
+def grid_from_config(config: ml_collections.ConfigDict) -> canvas_lib.Grid:
+  """The canvas geometry a configuration asks for."""
+  return canvas_lib.Grid(
+    canvas_size=config.data.canvas_size,
+    patch_size=config.model.patch_size,
+    stride=config.model.location_stride,
+  )
+
+
+def bank_settings(config: ml_collections.ConfigDict) -> dict:
+  """Everything the part bank depends on (not where the data is cached)."""
+  data = config.data.to_dict()
+  data.pop('tfds_data_dir')
+  bank = config.partbank.to_dict()
+  bank.pop('chunk_size')  # Changes memory, not the result.
+  return {
+    'seed': config.seed,
+    'data': data,
+    'partbank': bank,
+    'K': config.model.K,
+    'patch_size': config.model.patch_size,
+  }
+
+
+def parse_settings(config: ml_collections.ConfigDict) -> dict:
+  """Everything the parses depend on, the bank's settings included."""
+  return {
+    'bank': bank_settings(config),
+    'order': config.parse.order,
+    'threshold': config.parse.threshold,
+    'T': config.model.T,
+    'location_stride': config.model.location_stride,
+  }
+
+
+def _canvas_images(split: input_pipeline.Split) -> np.ndarray:
+  """[N, Hc, Wc, C] float32 in [0, 1]."""
+  return split.canvas_images.astype(np.float32) / 255.0
+
+
+def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBank:
+  """Builds DIR/partbank.npz (and partbank.png) unless it is current."""
+  path = os.path.join(workdir, PARTBANK_FILE)
+  settings = bank_settings(config)
+  if artifacts.is_current(path, settings):
+    logging.info('Stage bank: %s is current; skipping.', path)
+    return partbank.load(path)
+  train = input_pipeline.load_split(config.data, 'train')
+  logging.info(
+    'Stage bank: clustering patches of %d training images.', train.num_examples
+  )
+  start = time.perf_counter()
+  bank = partbank.build(
+    _canvas_images(train),
+    num_parts=config.model.K,
+    patch_size=config.model.patch_size,
+    extract_stride=config.partbank.extract_stride,
+    empty_threshold=config.partbank.empty_threshold,
+    max_patches=config.partbank.max_patches,
+    max_iters=config.partbank.max_iters,
+    tol=config.partbank.tol,
+    chunk_size=config.partbank.chunk_size,
+    seed=config.seed,
+    settings=settings,
+  )
+  logging.info(
+    'Stage bank: K=%d parts from %d patches, %d Lloyd iterations, inertia %.4g, %.1f s.',
+    len(bank.parts),
+    bank.num_patches,
+    bank.iterations,
+    bank.inertia,
+    time.perf_counter() - start,
+  )
+  if jax.process_index() == 0:
+    partbank.save(path, bank)
+    # Parts are small: show them large, most used first.
+    columns = int(np.ceil(np.sqrt(len(bank.parts))))
+    pictures.save_grid(
+      os.path.join(workdir, 'partbank.png'), bank.parts, columns, scale=8
+    )
+  return bank
+
+
+def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
+  """Parses both splits into DIR/parses.npz (and parses.png) unless current."""
+  path = os.path.join(workdir, PARSES_FILE)
+  settings = parse_settings(config)
+  if artifacts.is_current(path, settings):
+    logging.info('Stage parse: %s is current; skipping.', path)
+    with np.load(path) as f:
+      return dict(f)
+  bank_path = os.path.join(workdir, PARTBANK_FILE)
+  if not artifacts.is_current(bank_path, bank_settings(config)):
+    raise FileNotFoundError(
+      f'Stage parse needs the part bank of this configuration at {bank_path}: '
+      'run the bank stage first (--stages=bank,parse).'
+    )
+  bank = partbank.load(bank_path)
+  grid = grid_from_config(config)
+  arrays = {}
+  for name in SPLITS:
+    split = input_pipeline.load_split(config.data, name)
+    images = _canvas_images(split)
+    start = time.perf_counter()
+    parse = parsing.parse_images(
+      grid,
+      bank.parts,
+      images,
+      order=config.parse.order,
+      num_steps=config.model.T,
+      threshold=config.parse.threshold,
+      batch_size=config.parse.batch_size,
+      description=f'parse {name}',
+    )
+    logging.info(
+      'Stage parse: %s, %d images in %.1f s; %.1f parts drawn per image, '
+      'mean squared error %.3f per image.',
+      name,
+      split.num_examples,
+      time.perf_counter() - start,
+      parse.pres.sum(axis=1).mean(),
+      parse.error.mean(),
+    )
+    arrays.update(
+      {
+        f'{name}_pres': parse.pres.astype(bool),
+        f'{name}_where': parse.where.astype(np.int32),
+        f'{name}_what': parse.what.astype(np.int32),
+        f'{name}_index': split.index.astype(np.int64),
+        f'{name}_error': parse.error.astype(np.float32),
+      }
+    )
+    if name == 'test' and jax.process_index() == 0:
+      _save_parse_picture(
+        os.path.join(workdir, 'parses.png'), grid, bank, images, parse
+      )
+  if jax.process_index() == 0:
+    artifacts.save_npz(path, settings=np.asarray(artifacts.to_json(settings)), **arrays)
+  return arrays
+
+
+def _save_parse_picture(path, grid, bank, images, parse, count=32):
+  """Test images in odd rows, their rendered parses in the row below."""
+  columns = min(8, len(images))
+  count = min(count, len(images)) // columns * columns
+  rendered = np.asarray(
+    canvas_lib.render(
+      grid, bank.parts, parse.pres[:count], parse.where[:count], parse.what[:count]
+    )
+  )
+  rows = []
+  for start in range(0, count, columns):
+    rows += [images[start : start + columns], rendered[start : start + columns]]
+  pictures.save_grid(path, np.concatenate(rows), columns, scale=4)

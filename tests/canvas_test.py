@@ -1,0 +1,142 @@
+"""Canvas renderer against loops in NumPy, and its gradients."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import references
+from absl.testing import absltest, parameterized
+
+from npdraw_jax import canvas
+
+# 13 is not a multiple of 3, so parts at the last row and column overhang.
+GRID = canvas.Grid(canvas_size=13, patch_size=4, stride=3)
+K, T, C = 6, 7, 2
+
+
+def random_drawing(seed, batch=(3,)):
+  rng = np.random.default_rng(seed)
+  bank = rng.uniform(size=(K, GRID.patch_size, GRID.patch_size, C)).astype(np.float32)
+  pres = rng.uniform(size=(*batch, T)) < 0.7
+  where = rng.integers(GRID.num_locations, size=(*batch, T))
+  what = rng.integers(K, size=(*batch, T))
+  return bank, pres, where, what
+
+
+class GridTest(absltest.TestCase):
+  def test_locations(self):
+    self.assertEqual(GRID.side, 5)
+    self.assertEqual(GRID.num_locations, 25)
+    np.testing.assert_array_equal(GRID.corners(), references.corners(13, 3))
+
+  def test_bad_sizes(self):
+    with self.assertRaisesRegex(ValueError, 'exceeds'):
+      canvas.Grid(canvas_size=3, patch_size=4, stride=1)
+    with self.assertRaisesRegex(ValueError, 'positive'):
+      canvas.Grid(canvas_size=8, patch_size=2, stride=0)
+
+
+class RenderTest(chex.TestCase, parameterized.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_hard_matches_numpy_with_clipping(self):
+    bank, pres, where, what = random_drawing(0)
+    # Make sure the overhanging bottom-right corner is drawn.
+    pres[0, 0], where[0, 0] = True, GRID.num_locations - 1
+    render_steps = self.variant(lambda *a: canvas.render_steps(GRID, *a))
+    canvases, maps = render_steps(bank, pres, where, what)
+    chex.assert_shape(canvases, (3, T, 13, 13, C))
+    chex.assert_shape(maps, (3, T, 13, 13, 1))
+    final = canvas.render(GRID, bank, pres, where, what)
+    for b in range(3):
+      for t in range(T):
+        want_canvas, want_map = references.render(
+          bank, pres[b, : t + 1], where[b, : t + 1], what[b, : t + 1], 13, 3
+        )
+        np.testing.assert_allclose(canvases[b, t], want_canvas, rtol=0, atol=1e-7)
+        np.testing.assert_array_equal(maps[b, t], want_map)
+      np.testing.assert_array_equal(final[b], canvases[b, -1])
+
+  def test_vmap_equals_batched(self):
+    bank, pres, where, what = random_drawing(1, batch=(4, 2))
+    batched = canvas.render(GRID, bank, pres, where, what)
+    mapped = jax.jit(
+      jax.vmap(jax.vmap(lambda p, w, k: canvas.render(GRID, bank, p, w, k)))
+    )(pres, where, what)
+    np.testing.assert_array_equal(batched, mapped)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_relaxed_with_one_hot_equals_hard(self):
+    bank, pres, where, what = random_drawing(2)
+    relaxed = self.variant(lambda *a: canvas.render_relaxed_steps(GRID, *a))
+    soft_canvases, soft_maps = relaxed(
+      bank,
+      pres.astype(np.float32),
+      jax.nn.one_hot(where, GRID.num_locations),
+      jax.nn.one_hot(what, K),
+    )
+    hard_canvases, hard_maps = canvas.render_steps(GRID, bank, pres, where, what)
+    np.testing.assert_allclose(soft_canvases, hard_canvases, atol=1e-6)
+    np.testing.assert_allclose(soft_maps, hard_maps, atol=1e-6)
+
+  def test_place_is_the_weighted_sum_of_pastes(self):
+    rng = np.random.default_rng(3)
+    parts = rng.uniform(size=(2, 4, 4, C)).astype(np.float32)
+    weights = rng.dirichlet(np.ones(GRID.num_locations), size=2).astype(np.float32)
+    placed = canvas.place(GRID, parts, weights)
+    for b in range(2):
+      want = np.zeros((13, 13, C))
+      for loc in range(GRID.num_locations):
+        pasted, _ = references.render(
+          parts[b][None], [True], [loc], [0], GRID.canvas_size, GRID.stride
+        )
+        want += weights[b, loc] * pasted
+      np.testing.assert_allclose(placed[b], want, atol=1e-5)
+
+  def test_relaxed_pres_scales_the_part(self):
+    bank, _, where, what = random_drawing(4, batch=())
+    pres = np.full((T,), 0.5, np.float32)
+    canvases, _ = canvas.render_relaxed_steps(
+      GRID, bank, pres, jax.nn.one_hot(where, 25), jax.nn.one_hot(what, K)
+    )
+    hard, _ = canvas.render_steps(GRID, bank, np.ones(T, bool), where, what)
+    np.testing.assert_allclose(canvases, 0.5 * hard, atol=1e-6)
+
+
+class GradientTest(parameterized.TestCase):
+  @parameterized.parameters('what', 'where', 'pres')
+  def test_gradient_matches_finite_differences(self, argument):
+    # float64, so central differences are accurate enough to compare closely.
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(5)
+      bank, _, where, what = random_drawing(6, batch=())
+      inputs = {
+        'pres': rng.uniform(0.2, 0.9, size=T),
+        'where': 0.6 * np.eye(GRID.num_locations)[where] + 0.4 / GRID.num_locations,
+        'what': rng.dirichlet(np.ones(K), size=T),
+      }
+      projection = rng.normal(size=(13, 13, C))
+
+      def objective(value):
+        args = {**inputs, argument: value}
+        canvases, maps = canvas.render_relaxed_steps(
+          GRID, bank.astype(np.float64), args['pres'], args['where'], args['what']
+        )
+        return jnp.sum(canvases[-1] * projection) + jnp.sum(
+          maps[-1] * projection[..., :1]
+        )
+
+      x = inputs[argument]
+      grad = np.asarray(jax.grad(objective)(x)).reshape(-1)
+      eps = 1e-6
+      numeric = np.empty(x.size)
+      for flat in range(x.size):
+        step = np.zeros(x.size)
+        step[flat] = eps
+        step = step.reshape(x.shape)
+        numeric[flat] = (objective(x + step) - objective(x - step)) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
+    self.assertGreater(np.abs(grad).max(), 0.0)
+
+
+if __name__ == '__main__':
+  absltest.main()
