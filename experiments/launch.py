@@ -53,9 +53,7 @@ def _hide_accelerators_from_tensorflow():
 def run(config_name: str) -> None:
   """Defines the flags with configs/<config_name>.py as default and runs."""
   default_config = os.path.join(os.path.dirname(configs.__file__), f'{config_name}.py')
-  config_flags.DEFINE_config_file(
-    'config', default_config, 'Configuration file.', lock_config=True
-  )
+  config_flags.DEFINE_config_file('config', default_config, 'Configuration file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for artifacts and checkpoints.')
   flags.DEFINE_list('stages', list(DEFAULT_STAGES), 'Stages to run, in order.')
   flags.mark_flag_as_required('workdir')

@@ -91,9 +91,7 @@ def paste(grid: Grid, parts: jax.Array, where: jax.Array) -> jax.Array:
     full = jax.lax.dynamic_update_slice(zeros, part, (row, col, 0))
     return full[: grid.canvas_size, : grid.canvas_size]
 
-  flat = jax.vmap(paste_one)(
-    parts.reshape(-1, p, p, channels), where.reshape(-1).astype(jnp.int32)
-  )
+  flat = jax.vmap(paste_one)(parts.reshape(-1, p, p, channels), where.reshape(-1).astype(jnp.int32))
   return flat.reshape(*where.shape, grid.canvas_size, grid.canvas_size, channels)
 
 
@@ -157,9 +155,7 @@ def render_steps(
   chex.assert_equal_shape([pres, where, what])
   parts = jnp.take(bank, what, axis=0)
   canvases = accumulate(paste(grid, parts, where), pres)
-  boxes = paste(
-    grid, jnp.ones((*where.shape, grid.patch_size, grid.patch_size, 1)), where
-  )
+  boxes = paste(grid, jnp.ones((*where.shape, grid.patch_size, grid.patch_size, 1)), where)
   return canvases, accumulate(boxes, pres)
 
 

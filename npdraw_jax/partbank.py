@@ -121,8 +121,7 @@ def sample_patches(
       break
   if count == 0:
     raise ValueError(
-      f'No patch has a mean intensity >= {empty_threshold}: lower '
-      'partbank.empty_threshold.'
+      f'No patch has a mean intensity >= {empty_threshold}: lower partbank.empty_threshold.'
     )
   return np.concatenate(kept).astype(np.float32)
 
@@ -138,9 +137,7 @@ def _assign(points: jax.Array, centres: jax.Array, chunk_size: int):
   """Nearest centre and squared distance of every point, a chunk at a time."""
   m = points.shape[0]
   padded = -(-m // chunk_size) * chunk_size
-  chunks = jnp.pad(points, ((0, padded - m), (0, 0))).reshape(
-    -1, chunk_size, points.shape[1]
-  )
+  chunks = jnp.pad(points, ((0, padded - m), (0, 0))).reshape(-1, chunk_size, points.shape[1])
 
   def one_chunk(chunk):
     d = _squared_distances(chunk, centres)
@@ -226,9 +223,7 @@ def kmeans(
     new = update(centres)
     return new, jnp.sum((new - centres) ** 2), it + 1
 
-  centres, _, iters = jax.lax.while_loop(
-    keep_going, step, (init_centres, jnp.inf, jnp.asarray(0))
-  )
+  centres, _, iters = jax.lax.while_loop(keep_going, step, (init_centres, jnp.inf, jnp.asarray(0)))
   labels, dists = _assign(points, centres, chunk_size)
   counts = jax.ops.segment_sum(jnp.ones_like(labels), labels, num_clusters)
   return centres, counts, jnp.sum(dists), iters
@@ -266,9 +261,7 @@ def build(
   Returns:
     The PartBank, parts sorted by cluster size.
   """
-  patches = sample_patches(
-    images, patch_size, extract_stride, empty_threshold, max_patches, seed
-  )
+  patches = sample_patches(images, patch_size, extract_stride, empty_threshold, max_patches, seed)
   if len(patches) < num_parts:
     raise ValueError(
       f'Only {len(patches)} patches for K = {num_parts} parts: lower model.K or '

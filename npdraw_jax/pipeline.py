@@ -69,9 +69,7 @@ def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBa
     logging.info('Stage bank: %s is current; skipping.', path)
     return partbank.load(path)
   train = input_pipeline.load_split(config.data, 'train')
-  logging.info(
-    'Stage bank: clustering patches of %d training images.', train.num_examples
-  )
+  logging.info('Stage bank: clustering patches of %d training images.', train.num_examples)
   start = time.perf_counter()
   bank = partbank.build(
     _canvas_images(train),
@@ -98,9 +96,7 @@ def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBa
     partbank.save(path, bank)
     # Parts are small: show them large, most used first.
     columns = int(np.ceil(np.sqrt(len(bank.parts))))
-    pictures.save_grid(
-      os.path.join(workdir, 'partbank.png'), bank.parts, columns, scale=8
-    )
+    pictures.save_grid(os.path.join(workdir, 'partbank.png'), bank.parts, columns, scale=8)
   return bank
 
 
@@ -154,9 +150,7 @@ def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.n
       }
     )
     if name == 'test' and jax.process_index() == 0:
-      _save_parse_picture(
-        os.path.join(workdir, 'parses.png'), grid, bank, images, parse
-      )
+      _save_parse_picture(os.path.join(workdir, 'parses.png'), grid, bank, images, parse)
   if jax.process_index() == 0:
     artifacts.save_npz(path, settings=np.asarray(artifacts.to_json(settings)), **arrays)
   return arrays
@@ -167,9 +161,7 @@ def _save_parse_picture(path, grid, bank, images, parse, count=32):
   columns = min(8, len(images))
   count = min(count, len(images)) // columns * columns
   rendered = np.asarray(
-    canvas_lib.render(
-      grid, bank.parts, parse.pres[:count], parse.where[:count], parse.what[:count]
-    )
+    canvas_lib.render(grid, bank.parts, parse.pres[:count], parse.where[:count], parse.what[:count])
   )
   rows = []
   for start in range(0, count, columns):

@@ -59,9 +59,9 @@ class RenderTest(chex.TestCase, parameterized.TestCase):
   def test_vmap_equals_batched(self):
     bank, pres, where, what = random_drawing(1, batch=(4, 2))
     batched = canvas.render(GRID, bank, pres, where, what)
-    mapped = jax.jit(
-      jax.vmap(jax.vmap(lambda p, w, k: canvas.render(GRID, bank, p, w, k)))
-    )(pres, where, what)
+    mapped = jax.jit(jax.vmap(jax.vmap(lambda p, w, k: canvas.render(GRID, bank, p, w, k))))(
+      pres, where, what
+    )
     np.testing.assert_array_equal(batched, mapped)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -121,9 +121,7 @@ class GradientTest(parameterized.TestCase):
         canvases, maps = canvas.render_relaxed_steps(
           GRID, bank.astype(np.float64), args['pres'], args['where'], args['what']
         )
-        return jnp.sum(canvases[-1] * projection) + jnp.sum(
-          maps[-1] * projection[..., :1]
-        )
+        return jnp.sum(canvases[-1] * projection) + jnp.sum(maps[-1] * projection[..., :1])
 
       x = inputs[argument]
       grad = np.asarray(jax.grad(objective)(x)).reshape(-1)

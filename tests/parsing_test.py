@@ -53,7 +53,7 @@ class RasterTest(absltest.TestCase):
     bank, images = random_problem(2, num_images=7)
     whole = parsing.parse_batch(GRID, bank, images, 'raster', 16, 0.1)
     batched = parsing.parse_images(GRID, bank, images, 'raster', 16, 0.1, batch_size=3)
-    for got, want in zip(batched, whole):
+    for got, want in zip(batched, whole, strict=True):
       self.assertEqual(got.shape[0], 7)
       np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -81,9 +81,9 @@ class GreedyTest(absltest.TestCase):
       best = max(
         (
           (image**2).sum()
-          - ((image - references.render(bank, [1], [l], [k], 11, 3)[0]) ** 2).sum()
+          - ((image - references.render(bank, [1], [loc], [k], 11, 3)[0]) ** 2).sum()
         )
-        for l in range(GRID.num_locations)
+        for loc in range(GRID.num_locations)
         for k in range(len(bank))
       )
       np.testing.assert_allclose(gains[0], best, rtol=1e-5)
@@ -93,9 +93,7 @@ class GreedyTest(absltest.TestCase):
     parse = parsing.parse_batch(GRID, bank, images, 'greedy', 40, 0.5)
     off = ~np.asarray(parse.pres)
     self.assertTrue(off.any())
-    self.assertFalse(
-      np.asarray(parse.where)[off].any() or np.asarray(parse.what)[off].any()
-    )
+    self.assertFalse(np.asarray(parse.where)[off].any() or np.asarray(parse.what)[off].any())
 
 
 if __name__ == '__main__':

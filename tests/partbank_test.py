@@ -24,9 +24,7 @@ class KMeansTest(absltest.TestCase):
     points = rng.uniform(size=(3000, 16)).astype(np.float32)  # No clear clusters.
     init = np.asarray(partbank.kmeans_plusplus(jax.random.key(0), points, 20))
     _, counts, inertia, iters = partbank.kmeans(points, init, 300, 0.0, 512)
-    reference = KMeans(
-      20, init=init, n_init=1, max_iter=300, tol=0.0, algorithm='lloyd'
-    )
+    reference = KMeans(20, init=init, n_init=1, max_iter=300, tol=0.0, algorithm='lloyd')
     reference.fit(points.astype(np.float64))
     self.assertLessEqual(float(inertia), reference.inertia_ * (1 + 1e-4))
     self.assertEqual(int(counts.sum()), 3000)
@@ -48,7 +46,7 @@ class KMeansTest(absltest.TestCase):
     init = np.asarray(partbank.kmeans_plusplus(jax.random.key(2), points, 8))
     small = partbank.kmeans(points, init, 50, 1e-4, 7)
     large = partbank.kmeans(points, init, 50, 1e-4, 4096)
-    for a, b in zip(small, large):
+    for a, b in zip(small, large, strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-5)
 
   def test_plusplus_seeds_one_centre_per_separated_blob(self):

@@ -1,0 +1,85 @@
+"""Part bank plus raster parse of 60,000 MNIST-sized images.
+
+  python -m benchmarks.partbank_parse [--num_images=60000]
+
+The 5,000 embedded digits are tiled to the requested count; timings include
+compilation (reported separately) and are appended to benchmarks/RESULTS.md.
+"""
+
+import time
+
+import numpy as np
+from absl import app, flags
+
+from benchmarks import results
+from configs import mnist
+from npdraw_jax import input_pipeline, parsing, partbank, pipeline
+
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 60_000, 'Images to cluster and parse.')
+
+
+def measure(num_images: int) -> list[str]:
+  """Runs bank + raster parse on the MNIST configuration; markdown rows out."""
+  config = mnist.get_config()
+  config.data.source = 'embedded'
+  digits = input_pipeline.load_split(config.data, 'train').canvas_images
+  reps = -(-num_images // len(digits))
+  images = np.tile(digits, (reps, 1, 1, 1))[:num_images].astype(np.float32) / 255.0
+  grid = pipeline.grid_from_config(config)
+
+  start = time.perf_counter()
+  bank = partbank.build(
+    images,
+    num_parts=config.model.K,
+    patch_size=config.model.patch_size,
+    extract_stride=config.partbank.extract_stride,
+    empty_threshold=config.partbank.empty_threshold,
+    max_patches=config.partbank.max_patches,
+    max_iters=config.partbank.max_iters,
+    tol=config.partbank.tol,
+    chunk_size=config.partbank.chunk_size,
+    seed=config.seed,
+  )
+  bank_seconds = time.perf_counter() - start
+
+  def parse():
+    return parsing.parse_images(
+      grid,
+      bank.parts,
+      images,
+      'raster',
+      config.model.T,
+      config.parse.threshold,
+      config.parse.batch_size,
+    )
+
+  start = time.perf_counter()
+  parse()  # Includes the one compilation.
+  first_parse = time.perf_counter() - start
+  start = time.perf_counter()
+  parse()
+  warm_parse = time.perf_counter() - start
+  total = bank_seconds + first_parse
+  return [
+    f'Part bank + raster parse, {num_images:,} images 28x28, K={config.model.K}, '
+    f'p={config.model.patch_size}, {bank.num_patches:,} patches clustered '
+    f'({bank.iterations} Lloyd iterations):',
+    '',
+    '| step | seconds | images/s |',
+    '|---|---|---|',
+    f'| part bank (sampling + k-means++ + Lloyd, with compile) | {bank_seconds:.1f} | '
+    f'{num_images / bank_seconds:,.0f} |',
+    f'| raster parse, first run (with compile) | {first_parse:.1f} | '
+    f'{num_images / first_parse:,.0f} |',
+    f'| raster parse, compiled | {warm_parse:.1f} | {num_images / warm_parse:,.0f} |',
+    f'| **bank + first parse** | **{total:.1f}** | {num_images / total:,.0f} |',
+  ]
+
+
+def main(argv):
+  del argv
+  print(results.append_section('Part bank and parser', measure(_NUM_IMAGES.value)))
+
+
+if __name__ == '__main__':
+  app.run(main)
