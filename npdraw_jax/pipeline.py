@@ -157,13 +157,15 @@ def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.n
 
 
 def _save_parse_picture(path, grid, bank, images, parse, count=32):
-  """Test images in odd rows, their rendered parses in the row below."""
+  """Test images (odd rows) above their rendered parses (even rows), spread
+  evenly over the split so that every class shows when it is sorted."""
   columns = min(8, len(images))
   count = min(count, len(images)) // columns * columns
+  chosen = np.linspace(0, len(images) - 1, count).astype(int)
   rendered = np.asarray(
-    canvas_lib.render(grid, bank.parts, parse.pres[:count], parse.where[:count], parse.what[:count])
+    canvas_lib.render(grid, bank.parts, parse.pres[chosen], parse.where[chosen], parse.what[chosen])
   )
   rows = []
   for start in range(0, count, columns):
-    rows += [images[start : start + columns], rendered[start : start + columns]]
+    rows += [images[chosen[start : start + columns]], rendered[start : start + columns]]
   pictures.save_grid(path, np.concatenate(rows), columns, scale=4)

