@@ -4,9 +4,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import references
 from absl.testing import absltest, parameterized
 
+import references
 from npdraw_jax import canvas
 
 # 13 is not a multiple of 3, so parts at the last row and column overhang.

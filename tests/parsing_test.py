@@ -1,9 +1,9 @@
 """Heuristic parser against NumPy loops and the greedy parse's invariants."""
 
 import numpy as np
-import references
 from absl.testing import absltest
 
+import references
 from npdraw_jax import canvas, parsing
 
 GRID = canvas.Grid(canvas_size=11, patch_size=4, stride=3)  # Overhangs by 1.
