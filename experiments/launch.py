@@ -15,14 +15,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from npdraw_jax import pipeline
+from npdraw_jax import pipeline, train_prior
 
 # Stage name -> function(config, workdir). Later stages join as they land.
 STAGES: dict[str, Callable] = {
   'bank': pipeline.run_bank,
   'parse': pipeline.run_parse,
+  'prior': train_prior.train_and_evaluate,
 }
-PLANNED_STAGES = ('prior', 'vae', 'eval')
+PLANNED_STAGES = ('vae', 'eval')
 DEFAULT_STAGES = tuple(STAGES)
 
 

@@ -197,3 +197,23 @@ def render_relaxed_steps(
   canvases = accumulate(place(grid, parts, where_weights), pres)
   ones = jnp.ones((*pres.shape, grid.patch_size, grid.patch_size, 1), bank.dtype)
   return canvases, accumulate(place(grid, ones, where_weights), pres)
+
+
+def states_before(canvases: jax.Array, maps: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The state each step starts from: (c_0 .. c_{T-1}, m_0 .. m_{T-1}).
+
+  Args:
+    canvases: [..., T, H, W, C] canvases after each step (c_1 .. c_T).
+    maps: [..., T, H, W, 1] location maps after each step.
+
+  Returns:
+    The same shapes, shifted one step later, with empty c_0 and m_0.
+  """
+  chex.assert_equal_shape_prefix([canvases, maps], canvases.ndim - 1)
+
+  def shift(x):
+    axis = x.ndim - 4
+    empty = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
+    return jnp.concatenate([empty, jax.lax.slice_in_dim(x, 0, x.shape[axis] - 1, axis=axis)], axis)
+
+  return shift(canvases), shift(maps)

@@ -1,0 +1,91 @@
+"""The only module that imports Orbax: train-state checkpoints of a stage.
+
+Each stage keeps its checkpoints in its own directory (DIR/prior, DIR/vae)
+with `settings.json`: what a checkpoint must agree with to be restored (model
+shapes, the data it was trained on). Restoring under other settings is a
+clear error rather than a shape traceback deep inside Orbax.
+"""
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+SETTINGS_FILE = 'settings.json'
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoints on disk were made under other settings."""
+
+
+def _differences(old, new, prefix=''):
+  """Dotted keys whose values differ between two nested dicts."""
+  if not (isinstance(old, dict) and isinstance(new, dict)):
+    return [] if old == new else [prefix.rstrip('.') or '(value)']
+  return [
+    d
+    for k in sorted(set(old) | set(new))
+    for d in _differences(old.get(k), new.get(k), f'{prefix}{k}.')
+  ]
+
+
+class Checkpoints:
+  """Periodic, final and resumable checkpoints of a train state.
+
+  Args:
+    directory: where checkpoints live (made absolute; Orbax rejects relative).
+    settings: JSON-able dict a restored checkpoint must match.
+    keep: how many recent checkpoints to keep.
+    every: save interval in steps (other steps are skipped unless forced).
+  """
+
+  def __init__(self, directory: str, settings: dict, keep: int, every: int):
+    self.directory = os.path.abspath(directory)
+    self._check_settings(settings)
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every),
+    )
+
+  def _check_settings(self, settings: dict) -> None:
+    path = os.path.join(self.directory, SETTINGS_FILE)
+    settings = json.loads(json.dumps(settings))  # Tuples become lists, as on disk.
+    if os.path.exists(path):
+      with open(path) as f:
+        found = json.load(f)
+      if found != settings:
+        raise IncompatibleCheckpointError(
+          f'{self.directory} holds checkpoints made under other settings '
+          f'(differing: {", ".join(_differences(found, settings))}). Use another '
+          '--workdir, or delete that directory to start this stage afresh.'
+        )
+    elif jax.process_index() == 0:
+      os.makedirs(self.directory, exist_ok=True)
+      with open(path, 'w') as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None."""
+    return self._manager.latest_step()
+
+  def restore(self, abstract_state):
+    """Restores the newest checkpoint into the structure, shapes and shardings
+    of `abstract_state` (jax.ShapeDtypeStruct leaves with shardings)."""
+    step = self._manager.latest_step()
+    logging.info('Restoring %s step %d.', self.directory, step)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def is_due(self, step: int) -> bool:
+    """Whether a save at this step would write (on the interval)."""
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state, force: bool = False) -> None:
+    """Saves when step is on the interval, or always when forced."""
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def close(self) -> None:
+    """Waits for asynchronous saves, then releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()

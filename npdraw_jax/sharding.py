@@ -1,0 +1,49 @@
+"""The only module that builds meshes, shardings and global batches.
+
+Data parallelism over every device of every host: a one-axis mesh named
+'data', batches split along their leading axis, everything else replicated.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = 'data'
+
+
+def make_mesh() -> Mesh:
+  """A ('data',) mesh over all devices; Auto axes so linen layers need no annotations."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Same value on every device: parameters, optimizer state, part bank."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over the 'data' axis."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, name: str = 'batch_size') -> int:
+  """A global batch must split evenly over devices and processes."""
+  devices = jax.device_count()
+  if batch_size % devices:
+    raise ValueError(
+      f'{name} = {batch_size} does not divide over {devices} devices; use a multiple of {devices}.'
+    )
+  return batch_size // jax.process_count()
+
+
+def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays sharded over 'data'."""
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )
+
+
+def replicate(tree, mesh: Mesh):
+  """Puts a host pytree (e.g. the part bank) on every device."""
+  return jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,241 @@
+"""Stage 1: the Transformer prior, trained by teacher forcing on the parses.
+
+  train_and_evaluate(config, workdir)
+
+reads DIR/partbank.npz and DIR/parses.npz, trains for prior.train_steps with
+checkpoints in DIR/prior/ (resuming from the newest), logs train and held-out
+NLL (nats per image) to DIR/metrics.jsonl and TensorBoard, and draws
+DIR/prior_samples.png at the end.
+"""
+
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from npdraw_jax import (
+  artifacts,
+  checkpointing,
+  input_pipeline,
+  losses,
+  partbank,
+  pictures,
+  pipeline,
+  sampling,
+  sharding,
+  train_lib,
+)
+from npdraw_jax import canvas as canvas_lib
+from npdraw_jax.models import prior as prior_lib
+
+STAGE = 'prior'
+SAMPLES_FILE = 'prior_samples.png'
+SEQUENCE_KEYS = ('pres', 'where', 'what')
+
+
+def load_parses(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
+  """{'pres', 'where', 'what'} [N, T] of a split, checked against the config."""
+  path = os.path.join(workdir, pipeline.PARSES_FILE)
+  if not artifacts.is_current(path, pipeline.parse_settings(config)):
+    raise FileNotFoundError(
+      f'Stage {STAGE} needs the parses of this configuration at {path}: run the bank '
+      'and parse stages first (--stages=bank,parse,prior).'
+    )
+  with np.load(path) as f:
+    return {k: f[f'{split}_{k}'] for k in SEQUENCE_KEYS}
+
+
+def checkpoint_settings(config: ml_collections.ConfigDict, num_locations: int) -> dict:
+  """What a prior checkpoint must agree with: its shapes and training data."""
+  p = config.prior
+  return {
+    'parses': pipeline.parse_settings(config),
+    'model': {
+      'T': config.model.T,
+      'K': config.model.K,
+      'L': num_locations,
+      'canvas_size': config.data.canvas_size,
+      'channels': config.data.channels,
+      **{k: p[k] for k in ('token_features', 'd_model', 'num_layers', 'num_heads', 'mlp_ratio')},
+    },
+  }
+
+
+def history_free_nll(
+  train: dict[str, np.ndarray], test: dict[str, np.ndarray], num_locations: int, num_parts: int
+) -> float:
+  """Test NLL (nats per image) of the best model that ignores the history.
+
+  Per-step marginals of pres, where and what fitted on the train parses with
+  add-one smoothing: the baseline a history-reading prior must beat.
+  """
+  num_steps = train['pres'].shape[1]
+  steps = np.arange(num_steps)
+
+  def marginal(key, size):
+    counts = np.ones((num_steps, size))
+    np.add.at(counts, (np.broadcast_to(steps, train[key].shape), train[key]), train['pres'])
+    return counts / counts.sum(axis=1, keepdims=True)
+
+  drawn = (train['pres'].sum(axis=0) + 1) / (len(train['pres']) + 2)
+  where, what = marginal('where', num_locations), marginal('what', num_parts)
+  pres = test['pres']
+  log_lik = np.where(pres, np.log(drawn), np.log1p(-drawn)) + pres * (
+    np.log(where[steps, test['where']]) + np.log(what[steps, test['what']])
+  )
+  return float(-log_lik.sum(axis=1).mean())
+
+
+def teacher_forced_logits(model, params, grid, bank, sequences, train=False, rngs=None):
+  """The prior's logits on given step sequences [B, T] (canvases rendered here)."""
+  canvases, maps = canvas_lib.render_steps(
+    grid, bank, sequences['pres'], sequences['where'], sequences['what']
+  )
+  before = canvas_lib.states_before(canvases, maps)
+  steps = jnp.arange(model.num_steps)
+  return model.apply({'params': params}, *before, steps, train=train, rngs=rngs)
+
+
+def _nll(model, params, grid, bank, sequences, train=False, rngs=None):
+  """-log p(z) of each sequence, [B] nats."""
+  logits = teacher_forced_logits(model, params, grid, bank, sequences, train, rngs)
+  return -losses.prior_sequence_log_prob(logits, *(sequences[k] for k in SEQUENCE_KEYS))
+
+
+def make_steps(model, grid, mesh, schedule):
+  """The jitted train and eval steps; the bank is an argument, not a constant."""
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+  def train_step(state, bank, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      nll = _nll(model, params, grid, bank, batch, train=True, rngs={'dropout': rng})
+      return jnp.mean(nll)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    metrics = {'nll': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
+    return state.apply_gradients(grads=grads), metrics
+
+  def eval_step(state, bank, batch):
+    nll = _nll(model, state.params, grid, bank, batch)
+    mask = batch['mask'].astype(nll.dtype)
+    return {'nll': jnp.sum(nll * mask), 'count': jnp.sum(mask)}
+
+  train = jax.jit(
+    train_step,
+    in_shardings=(replicated, replicated, batched),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+  evaluate = jax.jit(eval_step, in_shardings=(replicated, replicated, batched))
+  return train, evaluate
+
+
+def _rows_of_process(*arrays: np.ndarray):
+  """This process's contiguous share of a global batch's row arrays."""
+  share = len(arrays[0]) // jax.process_count()
+  own = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+  return arrays[0][own] if len(arrays) == 1 else tuple(a[own] for a in arrays)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_lib.TrainState:
+  """Trains (or finishes training) the prior; returns the final state."""
+  grid = pipeline.grid_from_config(config)
+  bank_host = partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts
+  train_parses = load_parses(config, workdir, 'train')
+  test_parses = load_parses(config, workdir, 'test')
+  p = config.prior
+  sharding.check_batch_size(p.batch_size, 'prior.batch_size')
+  mesh = sharding.make_mesh()
+  bank = sharding.replicate(jnp.asarray(bank_host), mesh)
+
+  model = prior_lib.make_prior(config, grid.num_locations)
+  schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+  init_key, loop_key = jax.random.split(jax.random.key(config.seed))
+  side, channels = grid.canvas_size, config.data.channels
+
+  def init_fn():
+    params = model.init(
+      init_key,
+      jnp.zeros((1, model.num_steps, side, side, channels)),
+      jnp.zeros((1, model.num_steps, side, side, 1)),
+      jnp.arange(model.num_steps),
+    )['params']
+    return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=loop_key)
+
+  checkpoints = checkpointing.Checkpoints(
+    os.path.join(workdir, STAGE),
+    checkpoint_settings(config, grid.num_locations),
+    keep=p.keep_checkpoints,
+    every=p.checkpoint_every,
+  )
+  state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
+  train_step, eval_step = make_steps(model, grid, mesh, schedule)
+  num_train = len(train_parses['pres'])
+
+  def batch_at(step):
+    rows = input_pipeline.batch_rows(num_train, p.batch_size, config.seed, step)
+    rows = _rows_of_process(rows)
+    return sharding.to_global({k: v[rows] for k, v in train_parses.items()}, mesh)
+
+  def evaluate(state):
+    batches = (
+      {**{k: v[rows] for k, v in test_parses.items()}, 'mask': mask}
+      for rows, mask in itertools.starmap(
+        _rows_of_process, input_pipeline.eval_rows(len(test_parses['pres']), p.batch_size)
+      )
+    )
+    return train_lib.evaluate_in_batches(lambda s, b: eval_step(s, bank, b), state, batches, mesh)
+
+  metrics_log = train_lib.MetricsLog(workdir, STAGE)
+  if int(state.step) == 0:
+    baseline = history_free_nll(train_parses, test_parses, grid.num_locations, config.model.K)
+    logging.info(
+      'Stage %s: a history-free prior scores %.3f nats on the test parses.', STAGE, baseline
+    )
+    metrics_log.write(0, 'test', {'nll_history_free': baseline})
+  if int(state.step) >= p.train_steps:
+    logging.info('Stage %s: already trained to step %d; skipping.', STAGE, int(state.step))
+  else:
+    logging.info(
+      'Stage %s: %d parameters, training steps %d -> %d.',
+      STAGE,
+      sum(x.size for x in jax.tree.leaves(state.params)),
+      int(state.step),
+      p.train_steps,
+    )
+    state = train_lib.train_loop(
+      stage=STAGE,
+      state=state,
+      train_step=lambda s, b: train_step(s, bank, b),
+      batch_at=batch_at,
+      num_steps=p.train_steps,
+      checkpoints=checkpoints,
+      metrics_log=metrics_log,
+      log_every=p.log_every,
+      eval_every=p.eval_every,
+      evaluate=evaluate,
+    )
+  checkpoints.close()
+  metrics_log.close()
+  if jax.process_index() == 0:
+    write_samples(config, workdir, model, state.params, grid, bank)
+  return state
+
+
+def write_samples(config, workdir, model, params, grid, bank) -> None:
+  """DIR/prior_samples.png: the final canvases of prior samples."""
+  p = config.prior
+  sampler = sampling.make_sampler(model, grid, p.num_samples, p.sample_top_k)
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  samples = sampler(params, bank, key, p.sample_temperature)
+  final = np.asarray(samples.canvases[:, -1])
+  columns = int(np.ceil(np.sqrt(len(final))))
+  pictures.save_grid(os.path.join(workdir, SAMPLES_FILE), final, columns, scale=3)
