@@ -109,5 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500  # Test images per compiled call (last one padded).
   config.eval.iwae_samples = 500  # S of the importance-weighted bound.
+  config.eval.chunk_size = 50  # Samples per compiled pass (bounds memory); divides S.
+  config.eval.num_pictures = 32  # Images in samples.png and reconstructions.png.
   config.eval.fid_weights = ''  # Inception-v3 weights file; empty: FID skipped.
   return config

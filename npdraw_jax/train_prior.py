@@ -137,6 +137,50 @@ def make_steps(model, grid, mesh, schedule):
   return train, evaluate
 
 
+def make_init_fn(config: ml_collections.ConfigDict, model: prior_lib.Prior, schedule):
+  """A function creating the fresh stage-1 TrainState (seeded by config.seed)."""
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+  init_key, loop_key = jax.random.split(jax.random.key(config.seed))
+  side, channels = config.data.canvas_size, config.data.channels
+
+  def init_fn():
+    history = jnp.zeros((1, model.num_steps, side, side, channels))
+    params = model.init(init_key, history, history[..., :1], jnp.arange(model.num_steps))
+    return train_lib.TrainState.create(
+      apply_fn=model.apply, params=params['params'], tx=tx, rng=loop_key
+    )
+
+  return init_fn
+
+
+def open_checkpoints(config, workdir, grid) -> checkpointing.Checkpoints:
+  """The stage-1 checkpoints in DIR/prior, checked against the configuration."""
+  return checkpointing.Checkpoints(
+    os.path.join(workdir, STAGE),
+    checkpoint_settings(config, grid.num_locations),
+    keep=config.prior.keep_checkpoints,
+    every=config.prior.checkpoint_every,
+  )
+
+
+def restore_trained_params(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """The trained prior's parameters (replicated), for the later stages."""
+  grid = pipeline.grid_from_config(config)
+  checkpoints = open_checkpoints(config, workdir, grid)
+  step = checkpoints.latest_step()
+  if step is None or step < config.prior.train_steps:
+    raise FileNotFoundError(
+      f'The later stages need the prior trained to step {config.prior.train_steps} in '
+      f'{checkpoints.directory} (found: {step}): run the prior stage first.'
+    )
+  model = prior_lib.make_prior(config, grid.num_locations)
+  p = config.prior
+  schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
+  state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model, schedule), mesh)
+  checkpoints.close()
+  return state.params
+
+
 def _rows_of_process(*arrays: np.ndarray):
   """This process's contiguous share of a global batch's row arrays."""
   share = len(arrays[0]) // jax.process_count()
@@ -157,25 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
   model = prior_lib.make_prior(config, grid.num_locations)
   schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-  init_key, loop_key = jax.random.split(jax.random.key(config.seed))
-  side, channels = grid.canvas_size, config.data.channels
-
-  def init_fn():
-    params = model.init(
-      init_key,
-      jnp.zeros((1, model.num_steps, side, side, channels)),
-      jnp.zeros((1, model.num_steps, side, side, 1)),
-      jnp.arange(model.num_steps),
-    )['params']
-    return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=loop_key)
-
-  checkpoints = checkpointing.Checkpoints(
-    os.path.join(workdir, STAGE),
-    checkpoint_settings(config, grid.num_locations),
-    keep=p.keep_checkpoints,
-    every=p.checkpoint_every,
-  )
+  init_fn = make_init_fn(config, model, schedule)
+  checkpoints = open_checkpoints(config, workdir, grid)
   state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
   train_step, eval_step = make_steps(model, grid, mesh, schedule)
   num_train = len(train_parses['pres'])

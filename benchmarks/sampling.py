@@ -1,0 +1,149 @@
+"""Cached (KV) prior sampler against the naive O(T^2) one.
+
+  python -m benchmarks.sampling [--batch=64] [--repeats=3]
+
+At the MNIST prior (canvas 28, T = L = 36, K = 50) and the CelebA prior
+(canvas 32x32x3, T = L = 64, K = 200), with randomly initialised parameters and
+a random part bank, both samplers draw one batch from the same key; their
+samples must agree. The timed calls then alternate cached / naive in this one
+process, so machine noise hits both alike. The naive sampler stops repeating
+once its timed calls would exceed --naive_budget_s. Appends to
+benchmarks/RESULTS.md.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from benchmarks import results, timing
+from configs import celeba, mnist
+from npdraw_jax import pipeline, sampling
+from npdraw_jax.models import prior as prior_lib
+
+_BATCH = flags.DEFINE_integer('batch', 64, 'Samples per sampler call.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per sampler after the first.')
+_NAIVE_BUDGET_S = flags.DEFINE_float(
+  'naive_budget_s', 100.0, 'Seconds of timed naive calls per configuration before it stops.'
+)
+
+CONFIGS = (('MNIST', mnist.get_config), ('CelebA', celeba.get_config))
+
+
+def _setup(config, seed: int = 0):
+  """Model, grid, random params and random bank of a configuration's prior."""
+  grid = pipeline.grid_from_config(config)
+  model = prior_lib.make_prior(config, grid.num_locations)
+  side, channels, steps = config.data.canvas_size, config.data.channels, config.model.T
+  init_key, bank_key = jax.random.split(jax.random.key(seed))
+  history = jnp.zeros((1, steps, side, side, channels))
+  params = jax.jit(model.init)(init_key, history, history[..., :1], jnp.arange(steps))['params']
+  patch = config.model.patch_size
+  bank = jax.random.uniform(bank_key, (config.model.K, patch, patch, channels))
+  return model, grid, params, bank
+
+
+def _check_same_samples(name: str, cached: sampling.Samples, naive: sampling.Samples) -> None:
+  """Raises unless both samplers drew the same steps."""
+  for field in ('where', 'pres', 'what'):
+    a, b = np.asarray(getattr(cached, field)), np.asarray(getattr(naive, field))
+    if not np.array_equal(a, b):
+      raise AssertionError(
+        f'{name}: cached and naive samplers drew different {field!r} from the same key '
+        f'({int(np.sum(a != b))} of {a.size} entries differ; first at '
+        f'{np.argwhere(a != b)[0].tolist()}).'
+      )
+
+
+def measure(name: str, get_config, batch: int, repeats: int, naive_budget_s: float) -> dict:
+  """Compiles both samplers, checks they agree, then times them alternately."""
+  config = get_config()
+  model, grid, params, bank = _setup(config)
+  key = jax.random.key(1)
+  samplers = {
+    'cached': sampling.make_sampler(model, grid, batch),
+    'naive': sampling.make_naive_sampler(model, grid, batch),
+  }
+  first = {}
+  for kind, sampler in samplers.items():
+    logging.info('%s: compiling the %s sampler.', name, kind)
+    first[kind] = timing.time_call(sampler, params, bank, key, repeats=0)
+  _check_same_samples(name, first['cached']['output'], first['naive']['output'])
+  drawn = np.asarray(first['cached']['output'].pres).sum(axis=1)
+  logging.info('%s: samples agree; %.1f parts drawn per sample.', name, drawn.mean())
+
+  seconds = {'cached': [], 'naive': []}
+  for r in range(repeats):
+    for kind, sampler in samplers.items():
+      spent = seconds[kind]
+      if kind == 'naive' and spent and sum(spent) + max(spent) > naive_budget_s:
+        continue
+      spent.extend(timing.time_call(sampler, params, bank, key, repeats=1, warmup=0)['all_s'])
+      logging.info('%s round %d: %s %.3f s.', name, r, kind, spent[-1])
+  return {
+    'name': name,
+    'T': config.model.T,
+    'L': grid.num_locations,
+    'K': config.model.K,
+    'canvas': f'{grid.canvas_size}x{grid.canvas_size}x{config.data.channels}',
+    'params': sum(x.size for x in jax.tree.leaves(params)),
+    'parts_drawn': float(drawn.mean()),
+    'compile_s': {k: v['compile_s'] for k, v in first.items()},
+    'seconds': seconds,
+  }
+
+
+def table(rows: list[dict], batch: int, repeats: int) -> list[str]:
+  """Markdown for the measured configurations."""
+  lines = [
+    f'Prior sampling, batch {batch}, random prior params and part bank. Calls alternate '
+    'cached / naive in one process; `where`, `pres` and `what` of the two samplers were '
+    'checked equal for the same key. "first call" = compile + one run.',
+    '',
+    '| prior | canvas | T = L | K | params | sampler | first call (s) | timed runs | '
+    's / batch (median) | images/s |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for row in rows:
+    for kind in ('cached', 'naive'):
+      median = float(np.median(row['seconds'][kind]))
+      lines.append(
+        f'| {row["name"]} | {row["canvas"]} | {row["T"]} | {row["K"]} | '
+        f'{row["params"] / 1e6:.2f}M | {kind} | {row["compile_s"][kind]:.1f} | '
+        f'{len(row["seconds"][kind])} | {median:.3f} | {row_rate(batch, median)} |'
+      )
+  for row in rows:
+    if len(row['seconds']['naive']) < repeats:
+      lines += [
+        '',
+        f'The naive sampler at {row["name"]} ran {len(row["seconds"]["naive"])} timed '
+        f'call(s) instead of {repeats}: the time budget (--naive_budget_s) stopped it.',
+      ]
+  lines += ['', '| prior | speed-up naive / cached (median s / batch) |', '|---|---|']
+  for row in rows:
+    ratio = np.median(row['seconds']['naive']) / np.median(row['seconds']['cached'])
+    lines.append(f'| {row["name"]} (T = {row["T"]}) | **{ratio:.1f}x** |')
+  return lines
+
+
+def row_rate(batch: int, seconds: float) -> str:
+  """Images per second, formatted."""
+  return f'{batch / seconds:,.0f}' if batch / seconds >= 10 else f'{batch / seconds:.1f}'
+
+
+def main(argv):
+  del argv
+  start = time.perf_counter()
+  rows = [
+    measure(name, get_config, _BATCH.value, _REPEATS.value, _NAIVE_BUDGET_S.value)
+    for name, get_config in CONFIGS
+  ]
+  lines = table(rows, _BATCH.value, _REPEATS.value)
+  lines += ['', f'Whole benchmark: {time.perf_counter() - start:.0f} s.']
+  print(results.append_section('Prior sampling: cached vs naive', lines))
+
+
+if __name__ == '__main__':
+  app.run(main)
