@@ -9,8 +9,10 @@ from configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The MNIST pipeline shrunk until every stage runs in seconds on a CPU."""
-  config = default.get_config(arg)
+  """The MNIST (or, with arg 'celeba', CelebA) pipeline shrunk to seconds on a CPU."""
+  if arg not in (None, '', 'mnist', 'celeba'):
+    raise ValueError(f"configs/tiny.py takes 'mnist' or 'celeba', not {arg!r}.")
+  config = default.get_config()
   config.data.source = 'embedded'
   config.data.image_size = 16
   config.data.canvas_size = 16
@@ -42,4 +44,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.vae.checkpoint_every = 10
   config.eval.batch_size = 64
   config.eval.iwae_samples = 4
+  config.eval.chunk_size = 2
+  config.eval.num_pictures = 8
+  if arg == 'celeba':
+    _shrink_celeba(config)
   return config
+
+
+def _shrink_celeba(config: ml_collections.ConfigDict) -> None:
+  """CelebA's structure (crop, half-size canvas, colour) at toy sizes."""
+  config.data.dataset = 'celeb_a'
+  config.data.source = 'tfds'
+  config.data.image_size = 16
+  config.data.canvas_size = 8
+  config.data.channels = 3
+  config.data.center_crop = 148
+  config.data.binarize = 'none'
+  config.partbank.empty_threshold = 0.0
+  config.model.K = 8
+  config.model.T = 4
+  config.model.likelihood = 'logistic'
+  config.model.encoder_head = 'fcn'
+  config.parse.threshold = 0.0
+  config.vae.beta = 0.0
+  config.vae.lambda_sup = 500.0

@@ -7,6 +7,7 @@ The stages run in the order given; each skips itself when its artifact in DIR
 is current for the configuration.
 """
 
+import logging as python_logging
 import os
 from collections.abc import Callable
 
@@ -15,33 +16,34 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from npdraw_jax import pipeline, train_prior
+from npdraw_jax import evaluate, pipeline, train_prior, train_vae
 
 # Stage name -> function(config, workdir). Later stages join as they land.
 STAGES: dict[str, Callable] = {
   'bank': pipeline.run_bank,
   'parse': pipeline.run_parse,
   'prior': train_prior.train_and_evaluate,
+  'vae': train_vae.train_and_evaluate,
+  'eval': evaluate.run,
 }
-PLANNED_STAGES = ('vae', 'eval')
 DEFAULT_STAGES = tuple(STAGES)
 
 
 def check_stages(names: list[str]) -> list[str]:
-  """Fails clearly on an unknown or not yet available stage, before any work."""
+  """Fails clearly on an unknown stage, before any work."""
   for name in names:
-    if name in PLANNED_STAGES:
-      raise app.UsageError(
-        f'Stage {name!r} is not available yet in this version of npdraw-jax; '
-        f'available stages: {",".join(STAGES)}.'
-      )
     if name not in STAGES:
-      raise app.UsageError(
-        f'Unknown stage {name!r}; stages: {",".join((*STAGES, *PLANNED_STAGES))}.'
-      )
+      raise app.UsageError(f'Unknown stage {name!r}; stages: {",".join(STAGES)}.')
   if not names:
     raise app.UsageError('--stages is empty.')
   return names
+
+
+class _QuietCheckpointer(python_logging.Filter):
+  """Drops Orbax's per-save INFO lines; its warnings and errors still show."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def _hide_accelerators_from_tensorflow():
@@ -63,6 +65,7 @@ def run(config_name: str) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
     stages = check_stages(flags.FLAGS.stages)
+    logging.get_absl_handler().addFilter(_QuietCheckpointer())
     config = flags.FLAGS.config
     workdir = os.path.abspath(flags.FLAGS.workdir)
     if config.data.source == 'tfds':

@@ -1,20 +1,16 @@
-"""Log-likelihoods and training objectives."""
+"""The prior's log-likelihood of step sequences (spec section 4)."""
 
 import chex
 import jax
 import jax.numpy as jnp
 
-
-def _log_prob_of(logits: jax.Array, index: jax.Array) -> jax.Array:
-  """log softmax(logits)[index] along the last axis."""
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(log_probs, index[..., None].astype(jnp.int32), axis=-1)[..., 0]
+from npdraw_jax import distributions
 
 
 def prior_step_log_prob(
   logits: dict[str, jax.Array], pres: jax.Array, where: jax.Array, what: jax.Array
 ) -> jax.Array:
-  """log p(step t | history) of each step (spec section 4).
+  """log p(step t | history) of each step.
 
   log Bern(pres_t) + pres_t * (log Cat(where_t) + log Cat(what_t)): the
   location and part of an undrawn step do not count.
@@ -29,10 +25,10 @@ def prior_step_log_prob(
     [..., T] log-probabilities in nats.
   """
   chex.assert_equal_shape([logits['pres'], pres, where, what])
-  pres_logit = logits['pres']
-  log_pres = jnp.where(pres, jax.nn.log_sigmoid(pres_logit), jax.nn.log_sigmoid(-pres_logit))
-  drawn = _log_prob_of(logits['where'], where) + _log_prob_of(logits['what'], what)
-  return log_pres + jnp.where(pres, drawn, 0.0)
+  drawn = distributions.categorical_log_prob(
+    logits['where'], where
+  ) + distributions.categorical_log_prob(logits['what'], what)
+  return distributions.bernoulli_log_prob(logits['pres'], pres) + jnp.where(pres, drawn, 0.0)
 
 
 def prior_sequence_log_prob(logits, pres, where, what) -> jax.Array:

@@ -1,0 +1,160 @@
+"""The eval stage: importance-weighted NLL on the test split, and pictures.
+
+  run(config, workdir)
+
+restores the trained model, computes per image the importance-weighted bound
+with eval.iwae_samples hard samples and the single-sample bound (spec section
+8), writes them to DIR/metrics.jsonl (stage 'eval', split 'test'), and draws
+DIR/samples.png and DIR/reconstructions.png.
+"""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from npdraw_jax import canvas as canvas_lib
+from npdraw_jax import (
+  distributions,
+  input_pipeline,
+  npdraw,
+  partbank,
+  pictures,
+  pipeline,
+  sampling,
+  sharding,
+  train_lib,
+  train_prior,
+  train_vae,
+)
+
+STAGE = 'eval'
+SAMPLES_FILE = 'samples.png'
+RECONSTRUCTIONS_FILE = 'reconstructions.png'
+
+
+def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, mesh):
+  """(model, state) of the finished stage 2; a clear error when it is not."""
+  model = npdraw.make_model(config)
+  prior_params = train_prior.restore_trained_params(config, workdir, mesh)
+  checkpoints = train_vae.open_checkpoints(config, workdir)
+  # The parses list every training example: no need to load the images.
+  num_train = len(train_prior.load_parses(config, workdir, 'train')['pres'])
+  wanted = train_vae.num_train_steps(config, num_train)
+  if (checkpoints.latest_step() or 0) < wanted:
+    raise FileNotFoundError(
+      f'The eval stage needs the VAE trained to step {wanted} in {checkpoints.directory} '
+      f'(found: {checkpoints.latest_step()}): run the vae stage first.'
+    )
+  init_fn = train_vae.make_init_fn(config, model, prior_params)
+  state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
+  checkpoints.close()
+  return model, state
+
+
+def make_eval_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh):
+  """Jitted (variables, bank, batch, key) -> per-image {'nll_iwae', 'elbo', 'mask'} [B].
+
+  The outputs are replicated so that every process sees the whole global batch.
+  """
+  num_samples = config.eval.iwae_samples
+  chunk = min(config.eval.chunk_size, num_samples)
+
+  def eval_step(variables, bank, batch, key):
+    bounds = npdraw.iwae_bounds(model, variables, bank, batch['image'], key, num_samples, chunk)
+    return {**bounds, 'mask': batch['mask']}
+
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(
+    eval_step, in_shardings=(replicated, replicated, batched, replicated), out_shardings=replicated
+  )
+
+
+def summarise(per_image: dict[str, np.ndarray], num_dims: int, is_8bit: bool) -> dict[str, float]:
+  """Means over test images, standard errors of the means, and bits/dim."""
+  out = {}
+  for name, values in per_image.items():
+    out[name] = float(np.mean(values))
+    out[f'{name}_stderr'] = float(np.std(values, ddof=1) / math.sqrt(len(values)))
+  if is_8bit:
+    out['bits_per_dim'] = out['nll_iwae'] / (num_dims * math.log(2))
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Evaluates the trained model on the whole test split; returns the summary."""
+  mesh = sharding.make_mesh()
+  model, state = restore_trained_model(config, workdir, mesh)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  bank = sharding.replicate(
+    jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
+  )
+  test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
+  local_batch = sharding.check_batch_size(config.eval.batch_size, 'eval.batch_size')
+  eval_step = make_eval_step(model, config, mesh)
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  per_image = {'nll_iwae': [], 'elbo': []}
+  batches = input_pipeline.eval_batches(test, config.data, local_batch, config.seed)
+  for b, batch in enumerate(batches):
+    batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
+    bounds = jax.device_get(eval_step(variables, bank, batch, jax.random.fold_in(key, b)))
+    for name in per_image:
+      per_image[name].append(bounds[name][bounds['mask']])
+  per_image = {k: np.concatenate(v) for k, v in per_image.items()}
+  image_dims = config.data.image_size**2 * config.data.channels
+  summary = summarise(per_image, image_dims, model.likelihood != 'bernoulli')
+  summary['iwae_samples'] = config.eval.iwae_samples
+  logging.info('Stage %s on %d test images: %s', STAGE, len(per_image['elbo']), summary)
+  metrics_log = train_lib.MetricsLog(workdir, STAGE)
+  metrics_log.write(int(state.step), 'test', summary)
+  metrics_log.close()
+  if jax.process_index() == 0:
+    write_pictures(config, workdir, model, variables, bank, test)
+  return summary
+
+
+def _as_image_size(canvases: np.ndarray, image_size: int) -> np.ndarray:
+  """Canvases enlarged (pixel repeat) to the image size, for side-by-side pictures."""
+  factor = image_size // canvases.shape[1]
+  return canvases.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def _interleave(columns: list[np.ndarray]) -> np.ndarray:
+  """[a0, b0, c0, a1, b1, c1, ...] from equally long arrays a, b, c."""
+  return np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
+
+
+def write_pictures(config, workdir, model: npdraw.NPDraw, variables, bank, test) -> None:
+  """DIR/samples.png (canvas | decoded) and DIR/reconstructions.png (input | canvas | output)."""
+  count, size = config.eval.num_pictures, model.image_size
+  mean_image = lambda canvas: distributions.mean_image(
+    model.likelihood, npdraw.decode(model, variables, canvas, train=False)[0], model.num_mixtures
+  )
+  sampler = sampling.make_sampler(model.prior, model.grid, count, config.prior.sample_top_k)
+  key = jax.random.fold_in(jax.random.key(config.seed), 4)
+  samples = sampler(variables['params']['prior'], bank, key, config.prior.sample_temperature)
+  final = samples.canvases[:, -1]
+  pairs = _interleave([_as_image_size(np.asarray(final), size), np.asarray(mean_image(final))])
+  pictures.save_grid(os.path.join(workdir, SAMPLES_FILE), pairs, columns=8, scale=2)
+
+  chosen = np.linspace(0, test.num_examples - 1, min(count, test.num_examples)).astype(int)
+  images = test.images[chosen].astype(np.float32) / 255.0
+  if config.data.binarize == 'dynamic':
+    images = np.random.default_rng(config.seed).random(images.shape) < images
+  q, _ = npdraw.encode(model, variables, jnp.asarray(images, jnp.float32), train=False)
+  # The most likely latents of q give the reconstruction's canvas.
+  canvas = canvas_lib.render(
+    model.grid, bank, q['pres'] > 0, jnp.argmax(q['where'], -1), jnp.argmax(q['what'], -1)
+  )
+  triples = _interleave(
+    [
+      images.astype(np.float32),
+      _as_image_size(np.asarray(canvas), size),
+      np.asarray(mean_image(canvas)),
+    ]
+  )
+  pictures.save_grid(os.path.join(workdir, RECONSTRUCTIONS_FILE), triples, columns=9, scale=2)

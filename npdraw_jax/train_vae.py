@@ -1,0 +1,211 @@
+"""Stage 2: encoder and decoder against the frozen prior (spec section 7).
+
+  train_and_evaluate(config, workdir)
+
+reads the part bank, the parses and the trained prior, trains for
+vae.train_steps (or vae.epochs when it is 0) with checkpoints in DIR/vae/
+holding parameters, optimizer state, batch statistics, step and RNG (the data
+position is a function of the step), and logs to DIR/metrics.jsonl.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from npdraw_jax import (
+  checkpointing,
+  input_pipeline,
+  npdraw,
+  partbank,
+  pipeline,
+  sharding,
+  train_lib,
+  train_prior,
+)
+
+STAGE = 'vae'
+PARSE_KEYS = ('pres', 'where', 'what')
+
+
+class TrainState(train_lib.TrainState):
+  """Adds the encoder's and decoder's batch-norm statistics."""
+
+  batch_stats: dict
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  """vae.train_steps, or vae.epochs whole epochs when it is 0."""
+  if config.vae.train_steps > 0:
+    return config.vae.train_steps
+  return config.vae.epochs * input_pipeline.steps_per_epoch(num_examples, config.vae.batch_size)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam: encoder at lr, decoder at 0.1 lr; the prior frozen unless finetune_prior."""
+  lr = config.vae.lr
+  return optax.multi_transform(
+    {
+      'encoder': optax.adam(lr),
+      'decoder': optax.adam(0.1 * lr),
+      'prior': optax.adam(lr) if config.vae.finetune_prior else optax.set_to_zero(),
+    },
+    {'encoder': 'encoder', 'decoder': 'decoder', 'prior': 'prior'},
+  )
+
+
+def checkpoint_settings(config: ml_collections.ConfigDict) -> dict:
+  """What a stage-2 checkpoint must agree with: the prior's and the nets' shapes."""
+  m = config.model
+  return {
+    'prior': train_prior.checkpoint_settings(
+      config, pipeline.grid_from_config(config).num_locations
+    ),
+    'image_size': config.data.image_size,
+    'model': {
+      k: m[k]
+      for k in (
+        'likelihood',
+        'num_mixtures',
+        'encoder_head',
+        'encoder_features',
+        'decoder_features',
+      )
+    },
+    'finetune_prior': config.vae.finetune_prior,
+  }
+
+
+class ParseLookup:
+  """The parse of each example id of a split (ids come with every batch)."""
+
+  def __init__(self, parses_path: str, split: str):
+    with np.load(parses_path) as f:
+      self.ids = f[f'{split}_index']
+      self.sequences = {k: f[f'{split}_{k}'] for k in PARSE_KEYS}
+    self.order = np.argsort(self.ids, kind='stable')
+
+  def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    pos = np.minimum(np.searchsorted(self.ids, ids, sorter=self.order), len(self.ids) - 1)
+    rows = self.order[pos]
+    if not np.array_equal(self.ids[rows], ids):
+      raise ValueError('Some examples have no parse: rerun the parse stage for this data.')
+    return {k: v[rows] for k, v in self.sequences.items()}
+
+
+def make_train_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh, steps_per_epoch):
+  """The jitted stage-2 step (state, bank, batch) -> (state, metrics)."""
+  v = config.vae
+  weights = npdraw.LossWeights(
+    v.beta, v.lambda_sup, v.what_straight_through, v.pres_relaxed, v.finetune_prior
+  )
+
+  def train_step(state, bank, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    epoch = state.step // steps_per_epoch
+    tau = npdraw.gumbel_temperature(epoch, v.tau0, v.tau_min, v.tau_rate)
+    rho = npdraw.teacher_forcing_rate(epoch, v.teacher_forcing_decay)
+
+    def loss_fn(params):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      return npdraw.stage2_loss(model, variables, bank, batch, key, tau, rho, weights)
+
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, metrics
+
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(
+    train_step,
+    in_shardings=(replicated, replicated, batched),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+
+
+def make_init_fn(config, model: npdraw.NPDraw, prior_params):
+  """A function creating the fresh stage-2 state around the trained prior."""
+  init_key, loop_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 2))
+  tx = make_optimizer(config)
+
+  def init_fn():
+    variables = npdraw.init_variables(model, init_key, prior_params)
+    return TrainState.create(
+      apply_fn=None,
+      params=variables['params'],
+      tx=tx,
+      rng=loop_key,
+      batch_stats=variables['batch_stats'],
+    )
+
+  return init_fn
+
+
+def open_checkpoints(config, workdir) -> checkpointing.Checkpoints:
+  """The stage-2 checkpoints in DIR/vae, checked against the configuration."""
+  return checkpointing.Checkpoints(
+    os.path.join(workdir, STAGE),
+    checkpoint_settings(config),
+    keep=config.vae.keep_checkpoints,
+    every=config.vae.checkpoint_every,
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (or finishes training) the encoder and decoder; returns the state."""
+  v = config.vae
+  local_batch = sharding.check_batch_size(v.batch_size, 'vae.batch_size')
+  mesh = sharding.make_mesh()
+  bank = sharding.replicate(
+    jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
+  )
+  train_prior.load_parses(config, workdir, 'train')  # Fails clearly when stale.
+  parses = ParseLookup(os.path.join(workdir, pipeline.PARSES_FILE), 'train')
+  train = input_pipeline.load_split(config.data, 'train', jax.process_index(), jax.process_count())
+  steps_per_epoch = input_pipeline.steps_per_epoch(train.num_examples, local_batch)
+  num_steps = num_train_steps(config, train.num_examples * jax.process_count())
+
+  model = npdraw.make_model(config)
+  prior_params = train_prior.restore_trained_params(config, workdir, mesh)
+  checkpoints = open_checkpoints(config, workdir)
+  state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model, prior_params), mesh)
+  train_step = make_train_step(model, config, mesh, steps_per_epoch)
+
+  def batch_at(step):
+    batch = input_pipeline.train_batch(train, config.data, local_batch, config.seed, step)
+    del batch['canvas_image']  # The model renders its own canvases.
+    batch.update(parses(batch['index']))
+    return sharding.to_global(batch, mesh)
+
+  metrics_log = train_lib.MetricsLog(workdir, STAGE)
+  if int(state.step) >= num_steps:
+    logging.info('Stage %s: already trained to step %d; skipping.', STAGE, int(state.step))
+  else:
+    logging.info(
+      'Stage %s: %d steps of %d images (%d steps per epoch), from step %d.',
+      STAGE,
+      num_steps,
+      v.batch_size,
+      steps_per_epoch,
+      int(state.step),
+    )
+    state = train_lib.train_loop(
+      stage=STAGE,
+      state=state,
+      train_step=lambda s, b: train_step(s, bank, b),
+      batch_at=batch_at,
+      num_steps=num_steps,
+      checkpoints=checkpoints,
+      metrics_log=metrics_log,
+      log_every=v.log_every,
+      eval_every=0,
+      evaluate=None,
+    )
+  checkpoints.close()
+  metrics_log.close()
+  return state
