@@ -13,7 +13,7 @@ from absl import app, flags
 
 from benchmarks import results
 from configs import mnist
-from npdraw_jax import input_pipeline, parsing, partbank, pipeline
+from npdraw_jax import input_pipeline, parsing, pipeline
 
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 60_000, 'Images to cluster and parse.')
 
@@ -28,18 +28,7 @@ def measure(num_images: int) -> list[str]:
   grid = pipeline.grid_from_config(config)
 
   start = time.perf_counter()
-  bank = partbank.build(
-    images,
-    num_parts=config.model.K,
-    patch_size=config.model.patch_size,
-    extract_stride=config.partbank.extract_stride,
-    empty_threshold=config.partbank.empty_threshold,
-    max_patches=config.partbank.max_patches,
-    max_iters=config.partbank.max_iters,
-    tol=config.partbank.tol,
-    chunk_size=config.partbank.chunk_size,
-    seed=config.seed,
-  )
+  bank = pipeline.build_bank(config, images)
   bank_seconds = time.perf_counter() - start
 
   def parse():

@@ -56,6 +56,23 @@ def parse_settings(config: ml_collections.ConfigDict) -> dict:
   }
 
 
+def build_bank(config: ml_collections.ConfigDict, images: np.ndarray) -> partbank.PartBank:
+  """The part bank of training images [N, Hc, Wc, C] in [0, 1] under a configuration."""
+  return partbank.build(
+    images,
+    num_parts=config.model.K,
+    patch_size=config.model.patch_size,
+    extract_stride=config.partbank.extract_stride,
+    empty_threshold=config.partbank.empty_threshold,
+    max_patches=config.partbank.max_patches,
+    max_iters=config.partbank.max_iters,
+    tol=config.partbank.tol,
+    chunk_size=config.partbank.chunk_size,
+    seed=config.seed,
+    settings=bank_settings(config),
+  )
+
+
 def _canvas_images(split: input_pipeline.Split) -> np.ndarray:
   """[N, Hc, Wc, C] float32 in [0, 1]."""
   return split.canvas_images.astype(np.float32) / 255.0
@@ -71,19 +88,7 @@ def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBa
   train = input_pipeline.load_split(config.data, 'train')
   logging.info('Stage bank: clustering patches of %d training images.', train.num_examples)
   start = time.perf_counter()
-  bank = partbank.build(
-    _canvas_images(train),
-    num_parts=config.model.K,
-    patch_size=config.model.patch_size,
-    extract_stride=config.partbank.extract_stride,
-    empty_threshold=config.partbank.empty_threshold,
-    max_patches=config.partbank.max_patches,
-    max_iters=config.partbank.max_iters,
-    tol=config.partbank.tol,
-    chunk_size=config.partbank.chunk_size,
-    seed=config.seed,
-    settings=settings,
-  )
+  bank = build_bank(config, _canvas_images(train))
   logging.info(
     'Stage bank: K=%d parts from %d patches, %d Lloyd iterations, inertia %.4g, %.1f s.',
     len(bank.parts),
