@@ -10,10 +10,12 @@ import json
 import os
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
 SETTINGS_FILE = 'settings.json'
+CONFIG_FILE = 'config.json'  # The whole configuration of the latest run, for reference.
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -39,11 +41,22 @@ class Checkpoints:
     settings: JSON-able dict a restored checkpoint must match.
     keep: how many recent checkpoints to keep.
     every: save interval in steps (other steps are skipped unless forced).
+    config: the run's whole configuration, written beside the checkpoints.
   """
 
-  def __init__(self, directory: str, settings: dict, keep: int, every: int):
+  def __init__(
+    self,
+    directory: str,
+    settings: dict,
+    keep: int,
+    every: int,
+    config: ml_collections.ConfigDict | None = None,
+  ):
     self.directory = os.path.abspath(directory)
     self._check_settings(settings)
+    if config is not None and jax.process_index() == 0:
+      with open(os.path.join(self.directory, CONFIG_FILE), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every),

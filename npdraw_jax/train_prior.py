@@ -160,6 +160,7 @@ def open_checkpoints(config, workdir, grid) -> checkpointing.Checkpoints:
     checkpoint_settings(config, grid.num_locations),
     keep=config.prior.keep_checkpoints,
     every=config.prior.checkpoint_every,
+    config=config,
   )
 
 

@@ -153,6 +153,7 @@ def open_checkpoints(config, workdir) -> checkpointing.Checkpoints:
     checkpoint_settings(config),
     keep=config.vae.keep_checkpoints,
     every=config.vae.checkpoint_every,
+    config=config,
   )
 
 

@@ -78,6 +78,8 @@ class LearningTest(absltest.TestCase):
     self.assertLess(trained[-1]['nll'], math.log(2) + 0.1)
     self.assertGreater(trained[0]['nll'], trained[-1]['nll'])
     self.assertTrue(os.path.exists(os.path.join(workdir, train_prior.SAMPLES_FILE)))
+    with open(os.path.join(workdir, 'prior', 'config.json')) as f:
+      self.assertEqual(json.load(f)['prior']['train_steps'], 150)
 
 
 class HistoryFreeBaselineTest(absltest.TestCase):
