@@ -6,8 +6,9 @@ At the MNIST and CelebA configurations, each with batch 64 and its reference
 vae.batch_size: the state is built as train_vae builds it, the step is
 train_vae.make_train_step, the batch random images with random parses.
 Compile time (lower + compile) is reported apart from the first run of the
-compiled step and the median of the next --steps; memory is XLA's account of the compiled step (arguments, outputs and
-temporaries), plus the device's own peak where the backend reports one.
+compiled step and the median of the next --steps; memory is XLA's account
+of the compiled step (arguments, outputs and temporaries), plus the device's
+own peak where the backend reports one.
 Appends to benchmarks/RESULTS.md.
 """
 
