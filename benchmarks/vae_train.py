@@ -123,7 +123,7 @@ def table(rows: list[dict], steps: int) -> list[str]:
     lines.append(
       f'| {row["name"]} | {row["image"]} | {row["batch"]} | {row["compile_s"]:.1f} | '
       f'{row["first_s"]:.1f} | '
-      f'{row["median_s"]:.3f} | {row["batch"] / row["median_s"]:,.0f} | '
+      f'{row["median_s"]:.3f} | {row["batch"] / row["median_s"]:,.3g} | '
       f'{_gib(row["xla_gib"])} | {_gib(row["device_peak_gib"])} |'
     )
   return lines
