@@ -108,28 +108,26 @@ class Latents(NamedTuple):
   what: jax.Array
 
 
-def encode(model: NPDraw, variables: dict, images: jax.Array, train: bool):
-  """q's logits {'pres', 'where', 'what'} and the encoder's new batch statistics."""
-  enc_vars = {
-    'params': variables['params']['encoder'],
-    'batch_stats': variables['batch_stats']['encoder'],
-  }
+def _apply_net(module, name: str, variables: dict, x: jax.Array, train: bool):
+  """Runs the encoder or decoder (`name`) with its batch statistics.
+
+  Returns its output and the batch statistics to keep (updated when training).
+  """
+  net_vars = {'params': variables['params'][name], 'batch_stats': variables['batch_stats'][name]}
   if not train:
-    return model.encoder.apply(enc_vars, images, train=False), enc_vars['batch_stats']
-  logits, updates = model.encoder.apply(enc_vars, images, train=True, mutable=['batch_stats'])
-  return logits, updates['batch_stats']
+    return module.apply(net_vars, x, train=False), net_vars['batch_stats']
+  out, updates = module.apply(net_vars, x, train=True, mutable=['batch_stats'])
+  return out, updates['batch_stats']
+
+
+def encode(model: NPDraw, variables: dict, images: jax.Array, train: bool):
+  """q's logits {'pres', 'where', 'what'} and the encoder's batch statistics."""
+  return _apply_net(model.encoder, 'encoder', variables, images, train)
 
 
 def decode(model: NPDraw, variables: dict, canvas: jax.Array, train: bool):
-  """Likelihood parameters for canvases [B, Hc, Wc, C], and new batch statistics."""
-  dec_vars = {
-    'params': variables['params']['decoder'],
-    'batch_stats': variables['batch_stats']['decoder'],
-  }
-  if not train:
-    return model.decoder.apply(dec_vars, canvas, train=False), dec_vars['batch_stats']
-  out, updates = model.decoder.apply(dec_vars, canvas, train=True, mutable=['batch_stats'])
-  return out, updates['batch_stats']
+  """Likelihood parameters for canvases [B, Hc, Wc, C], and the decoder's batch statistics."""
+  return _apply_net(model.decoder, 'decoder', variables, canvas, train)
 
 
 def relaxed_latents(
