@@ -121,6 +121,12 @@ def place(grid: Grid, parts: jax.Array, where_weights: jax.Array) -> jax.Array:
   return out
 
 
+def boxes(grid: Grid, where: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """The (clipped) box of each integer location as a mask, [..., Hc, Wc, 1]."""
+  ones = jnp.ones((*where.shape, grid.patch_size, grid.patch_size, 1), dtype)
+  return paste(grid, ones, where)
+
+
 def accumulate(placed: jax.Array, pres: jax.Array) -> jax.Array:
   """Canvases after every step: c_t = max(c_{t-1}, pres_t * placed_t), c_0 = 0.
 
@@ -155,8 +161,7 @@ def render_steps(
   chex.assert_equal_shape([pres, where, what])
   parts = jnp.take(bank, what, axis=0)
   canvases = accumulate(paste(grid, parts, where), pres)
-  boxes = paste(grid, jnp.ones((*where.shape, grid.patch_size, grid.patch_size, 1)), where)
-  return canvases, accumulate(boxes, pres)
+  return canvases, accumulate(boxes(grid, where, bank.dtype), pres)
 
 
 def render(

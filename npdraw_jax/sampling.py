@@ -59,9 +59,7 @@ def sample_step(
 def _draw(grid, bank, canvas, location_map, pres, where, what):
   """Pastes one part per sample onto running canvases [B, H, W, C]."""
   part = canvas_lib.paste(grid, jnp.take(bank, what, axis=0), where)
-  box = canvas_lib.paste(
-    grid, jnp.ones((*where.shape, grid.patch_size, grid.patch_size, 1), bank.dtype), where
-  )
+  box = canvas_lib.boxes(grid, where, bank.dtype)
   drawn = pres[:, None, None, None]
   return (
     jnp.where(drawn, jnp.maximum(canvas, part), canvas),
