@@ -108,8 +108,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- Evaluation (spec section 8) ---------------------------------------------
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500  # Test images per compiled call (last one padded).
-  config.eval.iwae_samples = 500  # S of the importance-weighted bound.
-  config.eval.chunk_size = 50  # Samples per compiled pass (bounds memory); divides S.
+  # The values of S of the importance-weighted bound (reference 1, 50, 500,
+  # 5000); one pass draws the largest S, each S uses the first S samples.
+  config.eval.iwae_samples = (1, 50, 500, 5000)
+  config.eval.chunk_size = 50  # Samples per compiled pass (bounds memory); divides max S.
   config.eval.num_pictures = 32  # Images in samples.png and reconstructions.png.
-  config.eval.fid_weights = ''  # Inception-v3 weights file; empty: FID skipped.
+  # Inception-v3 FID weights converted by `python -m npdraw_jax.convert_inception`
+  # (README, "FID"); empty: FID skipped.
+  config.eval.fid_weights = ''
+  config.eval.fid_samples = 10_000  # Prior samples compared with the test split.
   return config

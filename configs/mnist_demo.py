@@ -34,6 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.vae.train_steps = 500
   config.vae.checkpoint_every = 250
   config.eval.batch_size = 100
-  config.eval.iwae_samples = 100
+  config.eval.iwae_samples = (1, 10, 100)
   config.eval.chunk_size = 25
   return config

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.vae.log_every = 5
   config.vae.checkpoint_every = 10
   config.eval.batch_size = 64
-  config.eval.iwae_samples = 4
+  config.eval.iwae_samples = (1, 4)
   config.eval.chunk_size = 2
   config.eval.num_pictures = 8
   if arg == 'celeba':

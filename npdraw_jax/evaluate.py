@@ -2,12 +2,14 @@
 
   run(config, workdir)
 
-restores the trained model, computes per image the importance-weighted bound
-with eval.iwae_samples hard samples and the single-sample bound (spec section
-8), writes them to DIR/metrics.jsonl (stage 'eval', split 'test'), and draws
-DIR/samples.png and DIR/reconstructions.png.
+restores the trained model, computes per test image the importance-weighted
+bound at each S of eval.iwae_samples (hard samples, spec section 8) and the
+single-sample bound, writes their means and standard errors to
+DIR/metrics.jsonl (stage 'eval', split 'test'), and draws DIR/samples.png,
+DIR/reconstructions.png and DIR/drawing.gif.
 """
 
+import collections
 import math
 import os
 
@@ -35,6 +37,17 @@ from npdraw_jax import (
 STAGE = 'eval'
 SAMPLES_FILE = 'samples.png'
 RECONSTRUCTIONS_FILE = 'reconstructions.png'
+DRAWING_FILE = 'drawing.gif'
+DRAWING_SAMPLES = 8  # Prior samples animated in drawing.gif.
+
+
+def iwae_sample_counts(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """eval.iwae_samples (one S or several) as a sorted tuple."""
+  counts = config.eval.iwae_samples
+  counts = (counts,) if isinstance(counts, int) else tuple(counts)
+  if not counts or min(counts) < 1:
+    raise ValueError(f'eval.iwae_samples must hold positive sample counts, got {counts}.')
+  return tuple(sorted(set(counts)))
 
 
 def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, mesh):
@@ -57,15 +70,16 @@ def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, mesh)
 
 
 def make_eval_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh):
-  """Jitted (variables, bank, batch, key) -> per-image {'nll_iwae', 'elbo', 'mask'} [B].
+  """Jitted (variables, bank, batch, key) -> per-image bounds and 'mask' [B].
 
-  The outputs are replicated so that every process sees the whole global batch.
+  The bounds are those of npdraw.iwae_bounds; the outputs are replicated so
+  that every process sees the whole global batch.
   """
-  num_samples = config.eval.iwae_samples
-  chunk = min(config.eval.chunk_size, num_samples)
+  counts = iwae_sample_counts(config)
+  chunk = min(config.eval.chunk_size, counts[-1])
 
   def eval_step(variables, bank, batch, key):
-    bounds = npdraw.iwae_bounds(model, variables, bank, batch['image'], key, num_samples, chunk)
+    bounds = npdraw.iwae_bounds(model, variables, bank, batch['image'], key, counts, chunk)
     return {**bounds, 'mask': batch['mask']}
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -75,13 +89,21 @@ def make_eval_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh
 
 
 def summarise(per_image: dict[str, np.ndarray], num_dims: int, is_8bit: bool) -> dict[str, float]:
-  """Means over test images, standard errors of the means, and bits/dim."""
+  """Means over test images, standard errors of the means, and bits/dim.
+
+  per_image holds 'elbo' and 'nll_iwae_{S}' for one or more S; the summary adds
+  'nll_iwae' (and 'bits_per_dim' for 8-bit data), the bound at the largest S,
+  and 'iwae_samples', that S.
+  """
+  largest = max(int(name.rsplit('_', 1)[1]) for name in per_image if name.startswith('nll_iwae_'))
+  per_image = {**per_image, 'nll_iwae': per_image[f'nll_iwae_{largest}']}
   out = {}
   for name, values in per_image.items():
     out[name] = float(np.mean(values))
     out[f'{name}_stderr'] = float(np.std(values, ddof=1) / math.sqrt(len(values)))
-  if is_8bit:
-    out['bits_per_dim'] = out['nll_iwae'] / (num_dims * math.log(2))
+    if is_8bit and name.startswith('nll_iwae'):
+      out[name.replace('nll_iwae', 'bits_per_dim')] = out[name] / (num_dims * math.log(2))
+  out['iwae_samples'] = largest
   return out
 
 
@@ -97,17 +119,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   local_batch = sharding.check_batch_size(config.eval.batch_size, 'eval.batch_size')
   eval_step = make_eval_step(model, config, mesh)
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
-  per_image = {'nll_iwae': [], 'elbo': []}
+  per_image = collections.defaultdict(list)
   batches = input_pipeline.eval_batches(test, config.data, local_batch, config.seed)
   for b, batch in enumerate(batches):
     batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
     bounds = jax.device_get(eval_step(variables, bank, batch, jax.random.fold_in(key, b)))
-    for name in per_image:
-      per_image[name].append(bounds[name][bounds['mask']])
+    mask = bounds.pop('mask')
+    for name, values in bounds.items():
+      per_image[name].append(values[mask])
   per_image = {k: np.concatenate(v) for k, v in per_image.items()}
   image_dims = config.data.image_size**2 * config.data.channels
   summary = summarise(per_image, image_dims, model.likelihood != 'bernoulli')
-  summary['iwae_samples'] = config.eval.iwae_samples
   logging.info('Stage %s on %d test images: %s', STAGE, len(per_image['elbo']), summary)
   metrics_log = train_lib.MetricsLog(workdir, STAGE)
   metrics_log.write(int(state.step), 'test', summary)
@@ -129,17 +151,29 @@ def _interleave(columns: list[np.ndarray]) -> np.ndarray:
 
 
 def write_pictures(config, workdir, model: npdraw.NPDraw, variables, bank, test) -> None:
-  """DIR/samples.png (canvas | decoded) and DIR/reconstructions.png (input | canvas | output)."""
+  """DIR/samples.png (canvas | decoded), DIR/drawing.gif (the first prior samples
+  step by step) and DIR/reconstructions.png (input | canvas | output)."""
   count, size = config.eval.num_pictures, model.image_size
-  mean_image = lambda canvas: distributions.mean_image(
-    model.likelihood, npdraw.decode(model, variables, canvas, train=False)[0], model.num_mixtures
-  )
+
+  def decoded_mean(canvases):
+    out, _ = npdraw.decode(model, variables, jnp.asarray(canvases), train=False)
+    return np.asarray(distributions.mean_image(model.likelihood, out, model.num_mixtures))
+
   sampler = sampling.make_sampler(model.prior, model.grid, count, config.prior.sample_top_k)
   key = jax.random.fold_in(jax.random.key(config.seed), 4)
   samples = sampler(variables['params']['prior'], bank, key, config.prior.sample_temperature)
-  final = samples.canvases[:, -1]
-  pairs = _interleave([_as_image_size(np.asarray(final), size), np.asarray(mean_image(final))])
+  canvases = np.asarray(samples.canvases)  # [N, T, Hc, Wc, C]
+  final = canvases[:, -1]
+  pairs = _interleave([_as_image_size(final, size), decoded_mean(final)])
   pictures.save_grid(os.path.join(workdir, SAMPLES_FILE), pairs, columns=8, scale=2)
+
+  drawn = canvases[:DRAWING_SAMPLES]
+  steps = drawn.shape[1]
+  decoded = decoded_mean(drawn.reshape(-1, *drawn.shape[2:])).reshape(
+    *drawn.shape[:2], size, size, -1
+  )
+  frames = [_interleave([_as_image_size(drawn[:, t], size), decoded[:, t]]) for t in range(steps)]
+  pictures.save_animation(os.path.join(workdir, DRAWING_FILE), frames, columns=8, scale=2)
 
   chosen = np.linspace(0, test.num_examples - 1, min(count, test.num_examples)).astype(int)
   images = test.images[chosen].astype(np.float32) / 255.0
@@ -147,14 +181,12 @@ def write_pictures(config, workdir, model: npdraw.NPDraw, variables, bank, test)
     images = np.random.default_rng(config.seed).random(images.shape) < images
   q, _ = npdraw.encode(model, variables, jnp.asarray(images, jnp.float32), train=False)
   # The most likely latents of q give the reconstruction's canvas.
-  canvas = canvas_lib.render(
-    model.grid, bank, q['pres'] > 0, jnp.argmax(q['where'], -1), jnp.argmax(q['what'], -1)
+  canvas = np.asarray(
+    canvas_lib.render(
+      model.grid, bank, q['pres'] > 0, jnp.argmax(q['where'], -1), jnp.argmax(q['what'], -1)
+    )
   )
   triples = _interleave(
-    [
-      images.astype(np.float32),
-      _as_image_size(np.asarray(canvas), size),
-      np.asarray(mean_image(canvas)),
-    ]
+    [images.astype(np.float32), _as_image_size(canvas, size), decoded_mean(canvas)]
   )
   pictures.save_grid(os.path.join(workdir, RECONSTRUCTIONS_FILE), triples, columns=9, scale=2)

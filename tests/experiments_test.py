@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 import tensorflow_datasets as tfds
 from absl.testing import absltest
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from configs import tiny
 from experiments import launch
@@ -34,17 +34,26 @@ class CelebaPipelineTest(absltest.TestCase):
   def check_outputs(self, workdir, config):
     record = eval_record(workdir)
     self.assertEqual(record['split'], 'test')
-    self.assertEqual(record['iwae_samples'], config.eval.iwae_samples)
+    largest = max(config.eval.iwae_samples)
+    self.assertEqual(record['iwae_samples'], largest)
+    self.assertEqual(record['nll_iwae'], record[f'nll_iwae_{largest}'])
     # log-mean-exp >= mean for every image: the IWAE bound is the tighter one.
     self.assertLessEqual(record['nll_iwae'], record['elbo'] + 1e-4)
-    self.assertAlmostEqual(
-      record['bits_per_dim'], record['nll_iwae'] / (16 * 16 * 3 * np.log(2)), places=4
-    )
+    for s in config.eval.iwae_samples:
+      self.assertAlmostEqual(
+        record[f'bits_per_dim_{s}'], record[f'nll_iwae_{s}'] / (16 * 16 * 3 * np.log(2)), places=4
+      )
+      self.assertGreater(record[f'nll_iwae_{s}_stderr'], 0)
     count = config.eval.num_pictures
     with Image.open(os.path.join(workdir, 'samples.png')) as im:
       self.assertEqual(im.size, picture_size(8, 2 * count, 16))
     with Image.open(os.path.join(workdir, 'reconstructions.png')) as im:
       self.assertEqual(im.size, picture_size(9, 3 * count, 16))
+    with Image.open(os.path.join(workdir, 'drawing.gif')) as im:
+      self.assertEqual(im.size, picture_size(8, 2 * min(count, 8), 16))
+      # Pillow merges repeated frames (undrawn steps) and adds up their times.
+      durations = [frame.info['duration'] for frame in ImageSequence.Iterator(im)]
+    self.assertEqual(sum(durations), 200 * (config.model.T - 1) + 2000)
     for name in ('partbank.npz', 'parses.npz', 'prior_samples.png', 'prior', 'vae'):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
 

@@ -1,9 +1,11 @@
-"""The composed model: the KL, gradient paths, and that training lowers the loss."""
+"""The composed model: the KL, gradient paths, training lowering the loss, and
+the importance-weighted bound."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
+from scipy import stats
 
 from configs import tiny
 from npdraw_jax import (
@@ -139,6 +141,76 @@ class TrainStepTest(absltest.TestCase):
       state, metrics = step(state, bank, batch)
     self.assertTrue(np.isfinite(float(metrics['loss'])))
     self.assertLess(float(fixed_loss(state)), 0.8 * before)
+
+
+class ImportanceWeightedBoundTest(absltest.TestCase):
+  """Properties of npdraw.iwae_bounds on a tiny model with random parameters."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    _, cls.model = tiny_model(num_steps=4)
+    variables = jax.jit(lambda k: npdraw.init_variables(cls.model, k))(jax.random.key(0))
+    variables['params'] = noisy(variables['params'], jax.random.key(1), 0.1)
+    cls.variables = variables
+    cls.bank = random_bank(jax.random.key(2))
+    image = jax.random.uniform(jax.random.key(3), (1, 16, 16, 1)) < 0.3
+    # Copies of one image draw independent samples: i.i.d. draws of each bound.
+    cls.copies = jnp.broadcast_to(image, (256, 16, 16, 1)).astype(jnp.float32)
+    cls.counts = (1, 4, 16, 64)
+    cls.out = cls.bounds(cls.counts, chunk=16)
+
+  @classmethod
+  def bounds(cls, counts, chunk):
+    run = jax.jit(
+      lambda key: npdraw.iwae_bounds(
+        cls.model, cls.variables, cls.bank, cls.copies, key, counts, chunk
+      )
+    )
+    return jax.tree.map(np.asarray, run(jax.random.key(4)))
+
+  def test_one_sample_bound_averages_to_the_elbo(self):
+    out = self.out
+    one = out['nll_iwae_1']
+    stderr = np.hypot(one.std() / np.sqrt(one.size), out['elbo'].std() / np.sqrt(one.size))
+    self.assertLess(abs(one.mean() - out['elbo'].mean()), 4 * stderr)
+    # The 64-sample bound is tighter than the ELBO by far more than the noise.
+    self.assertLess(out['nll_iwae_64'].mean(), out['elbo'].mean() - 8 * stderr)
+
+  def test_bound_tightens_with_more_samples(self):
+    out = self.out
+    means = [out[f'nll_iwae_{s}'].mean() for s in self.counts]
+    self.assertEqual(means, sorted(means, reverse=True))
+    # logmeanexp of S samples >= their mean: per image, each bound is below
+    # the average of its samples' -log w, which for S = 64 is the ELBO.
+    np.testing.assert_array_less(out['nll_iwae_64'], out['elbo'] + 1e-4)
+
+  def test_exact_when_q_is_the_true_posterior(self):
+    # One step, and a decoder whose output ignores the canvas: then the true
+    # posterior is the prior, and an encoder that outputs the prior's logits
+    # makes every importance weight equal to log p(x).
+    _, model = tiny_model(num_steps=1)
+    variables = jax.jit(lambda k: npdraw.init_variables(model, k))(jax.random.key(5))
+    params = jax.tree.map(np.array, variables['params'])
+    params['prior'] = noisy(params['prior'], jax.random.key(6))
+    empty = jnp.zeros((1, 1, 16, 16, 1))
+    p = model.prior.apply({'params': params['prior']}, empty, empty, jnp.arange(1))
+    head = params['encoder']['Dense_1']
+    head['kernel'][:] = 0
+    head['bias'][:] = np.concatenate([p['pres'][0], p['where'][0, 0], p['what'][0, 0]])
+    out_layer = params['decoder']['Conv_0']
+    out_layer['kernel'][:] = 0
+    out_layer['bias'][:] = 0.7
+    variables = {'params': params, 'batch_stats': variables['batch_stats']}
+    images = (jax.random.uniform(jax.random.key(7), (3, 16, 16, 1)) < 0.4).astype(jnp.float32)
+    out = npdraw.iwae_bounds(model, variables, self.bank, images, jax.random.key(8), (1, 8), 4)
+    expected = -stats.bernoulli.logpmf(np.asarray(images), 1 / (1 + np.exp(-0.7))).sum((1, 2, 3))
+    for name in ('nll_iwae_1', 'nll_iwae_8', 'elbo'):
+      np.testing.assert_allclose(out[name], expected, rtol=1e-5, err_msg=name)
+
+  def test_largest_count_must_be_a_multiple_of_the_chunk(self):
+    with self.assertRaisesRegex(ValueError, 'multiple of eval.chunk_size'):
+      self.bounds((1, 10), chunk=4)
 
 
 if __name__ == '__main__':
