@@ -102,3 +102,12 @@ class Checkpoints:
     """Waits for asynchronous saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def read_config(directory: str) -> ml_collections.ConfigDict:
+  """The configuration a stage wrote beside its checkpoints in `directory`."""
+  path = os.path.join(os.path.abspath(directory), CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No {CONFIG_FILE} in {directory}: has that stage run there?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

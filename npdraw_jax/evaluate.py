@@ -176,17 +176,9 @@ def write_pictures(config, workdir, model: npdraw.NPDraw, variables, bank, test)
   pictures.save_animation(os.path.join(workdir, DRAWING_FILE), frames, columns=8, scale=2)
 
   chosen = np.linspace(0, test.num_examples - 1, min(count, test.num_examples)).astype(int)
-  images = test.images[chosen].astype(np.float32) / 255.0
-  if config.data.binarize == 'dynamic':
-    images = np.random.default_rng(config.seed).random(images.shape) < images
-  q, _ = npdraw.encode(model, variables, jnp.asarray(images, jnp.float32), train=False)
+  images = input_pipeline.examples_at(test, chosen, config.data, config.seed)['image']
+  q, _ = npdraw.encode(model, variables, jnp.asarray(images), train=False)
   # The most likely latents of q give the reconstruction's canvas.
-  canvas = np.asarray(
-    canvas_lib.render(
-      model.grid, bank, q['pres'] > 0, jnp.argmax(q['where'], -1), jnp.argmax(q['what'], -1)
-    )
-  )
-  triples = _interleave(
-    [images.astype(np.float32), _as_image_size(canvas, size), decoded_mean(canvas)]
-  )
+  canvas = np.asarray(canvas_lib.render(model.grid, bank, *npdraw.q_mode(q)))
+  triples = _interleave([images, _as_image_size(canvas, size), decoded_mean(canvas)])
   pictures.save_grid(os.path.join(workdir, RECONSTRUCTIONS_FILE), triples, columns=9, scale=2)

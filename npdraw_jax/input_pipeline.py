@@ -463,3 +463,16 @@ def eval_batches(
     return {**batch, 'mask': mask}
 
   return itertools.starmap(serve, enumerate(eval_rows(split.num_examples, batch_size)))
+
+
+def examples_at(
+  split: Split, rows: np.ndarray, data: ml_collections.ConfigDict, seed: int
+) -> dict[str, np.ndarray]:
+  """The examples at `rows` as the model sees them, for pictures and editing.
+
+  Dynamic binarisation uses one seeded draw, so a picture is reproducible.
+  """
+  rows = np.asarray(rows)
+  if rows.size and not (0 <= rows.min() and rows.max() < split.num_examples):
+    raise DataError(f'Rows {rows.tolist()} outside the split of {split.num_examples} examples.')
+  return _serve(split, rows, data, np.random.default_rng([seed, _EVAL_NOISE, 0]))

@@ -274,6 +274,11 @@ def hard_sample(key: jax.Array, q: dict, num_samples: int):
   return (pres, where, what), losses.prior_sequence_log_prob(q_per_sample, pres, where, what)
 
 
+def q_mode(q: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The mode of each factor of q: (pres = P(pres) > 1/2, argmax where, argmax what) [B, T]."""
+  return q['pres'] > 0, jnp.argmax(q['where'], -1), jnp.argmax(q['what'], -1)
+
+
 def log_importance_weights(
   model: NPDraw, variables: dict, bank: jax.Array, q: dict, images: jax.Array, key, num_samples
 ) -> jax.Array:

@@ -91,6 +91,19 @@ class CelebaPipelineTest(absltest.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr[-4000:])
     self.check_outputs(workdir, tiny.get_config('celeba'))
 
+    edit = [sys.executable, '-m', 'experiments.edit', f'--workdir={workdir}', '--a=0', '--b=3']
+    result = subprocess.run(
+      [*edit, '--region=top'], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-4000:])
+    with Image.open(os.path.join(workdir, 'edit_0_3_top.png')) as im:
+      self.assertEqual(im.size, picture_size(6, 6, 16, scale=4))
+    result = subprocess.run(
+      [*edit, '--region=0,0,99,4'], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn('0 <= x0 <= x1 <= 16', result.stderr)
+
 
 if __name__ == '__main__':
   absltest.main()
