@@ -4,24 +4,28 @@
 
 restores the trained model, computes per test image the importance-weighted
 bound at each S of eval.iwae_samples (hard samples, spec section 8) and the
-single-sample bound, writes their means and standard errors to
-DIR/metrics.jsonl (stage 'eval', split 'test'), and draws DIR/samples.png,
-DIR/reconstructions.png and DIR/drawing.gif.
+single-sample bound, and, when eval.fid_weights names an Inception file, the
+FID of prior samples against the test split; writes the means and standard
+errors to DIR/metrics.jsonl (stage 'eval', split 'test'), and draws
+DIR/samples.png, DIR/reconstructions.png and DIR/drawing.gif.
 """
 
 import collections
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from npdraw_jax import canvas as canvas_lib
 from npdraw_jax import (
   distributions,
+  fid,
   input_pipeline,
   npdraw,
   partbank,
@@ -109,6 +113,8 @@ def summarise(per_image: dict[str, np.ndarray], num_dims: int, is_8bit: bool) ->
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Evaluates the trained model on the whole test split; returns the summary."""
+  # A bad weights file fails here, not after hours of importance sampling.
+  inception = fid.load_inception(config.eval.fid_weights) if config.eval.fid_weights else None
   mesh = sharding.make_mesh()
   model, state = restore_trained_model(config, workdir, mesh)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -130,6 +136,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   per_image = {k: np.concatenate(v) for k, v in per_image.items()}
   image_dims = config.data.image_size**2 * config.data.channels
   summary = summarise(per_image, image_dims, model.likelihood != 'bernoulli')
+  if inception is None:
+    logging.info('FID skipped: eval.fid_weights is not set (see the README, "FID").')
+  elif jax.process_index() == 0:
+    summary['fid'] = compute_fid(config, inception, model, variables, bank, test)
   logging.info('Stage %s on %d test images: %s', STAGE, len(per_image['elbo']), summary)
   metrics_log = train_lib.MetricsLog(workdir, STAGE)
   metrics_log.write(int(state.step), 'test', summary)
@@ -137,6 +147,78 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     write_pictures(config, workdir, model, variables, bank, test)
   return summary
+
+
+def _pad_to(batch: np.ndarray, size: int) -> np.ndarray:
+  """The batch with zero images appended up to `size`: one shape, one compile."""
+  pad = size - batch.shape[0]
+  return np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)]) if pad else batch
+
+
+def feature_moments(
+  features_fn: Callable[[np.ndarray], jax.Array], batches: Iterable[np.ndarray], batch_size: int
+) -> fid.Moments:
+  """Running moments of the features of every image in batches of at most batch_size."""
+  moments = fid.init_moments()
+  for batch in batches:
+    features = np.asarray(features_fn(_pad_to(batch, batch_size)))
+    moments = fid.update_moments(moments, features[: batch.shape[0]])
+  return moments
+
+
+def _counted(batches: Iterable[np.ndarray], bar: tqdm) -> Iterator[np.ndarray]:
+  """The batches, advancing the progress bar by each batch's size."""
+  for batch in batches:
+    yield batch
+    bar.update(batch.shape[0])
+
+
+def generated_images(
+  config: ml_collections.ConfigDict, model: npdraw.NPDraw, variables, bank, count: int
+) -> Iterator[np.ndarray]:
+  """`count` images from the model in batches: prior samples, decoded to mean images."""
+  batch_size = config.eval.batch_size
+  sampler = sampling.make_sampler(model.prior, model.grid, batch_size, config.prior.sample_top_k)
+  decode = jax.jit(
+    lambda canvas: distributions.mean_image(
+      model.likelihood, npdraw.decode(model, variables, canvas, train=False)[0], model.num_mixtures
+    )
+  )
+  key = jax.random.fold_in(jax.random.key(config.seed), 5)
+  for b, start in enumerate(range(0, count, batch_size)):
+    samples = sampler(
+      variables['params']['prior'],
+      bank,
+      jax.random.fold_in(key, b),
+      config.prior.sample_temperature,
+    )
+    yield np.asarray(decode(samples.canvases[:, -1]))[: count - start]
+
+
+def compute_fid(
+  config: ml_collections.ConfigDict, inception: dict, model, variables, bank, test
+) -> float:
+  """FID between eval.fid_samples decoded prior samples and this process's test images.
+
+  Generated images are the decoder's mean images (no pixel noise); test images
+  are the stored ones (grey levels for binarised data). `inception` holds the
+  variables of fid.load_inception.
+  """
+  features_fn = fid.make_feature_fn(inception)
+  batch_size, count = config.eval.batch_size, config.eval.fid_samples
+  real = (
+    test.images[start : start + batch_size].astype(np.float32) / 255.0
+    for start in range(0, test.num_examples, batch_size)
+  )
+  fake = generated_images(config, model, variables, bank, count)
+  with tqdm(total=count + test.num_examples, desc='FID', unit='image') as bar:
+    fake_moments = feature_moments(features_fn, _counted(fake, bar), batch_size)
+    real_moments = feature_moments(features_fn, _counted(real, bar), batch_size)
+  score = fid.frechet_distance(
+    *fid.mean_and_covariance(fake_moments), *fid.mean_and_covariance(real_moments)
+  )
+  logging.info('FID of %d samples against %d test images: %.3f', count, test.num_examples, score)
+  return score
 
 
 def _as_image_size(canvases: np.ndarray, image_size: int) -> np.ndarray:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl.testing import absltest
@@ -14,6 +16,8 @@ from PIL import Image, ImageSequence
 
 from configs import tiny
 from experiments import launch
+from npdraw_jax import fid
+from npdraw_jax.models import inception
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,10 +64,18 @@ class CelebaPipelineTest(absltest.TestCase):
   def test_all_stages_on_tfds_mock_data(self):
     config = tiny.get_config('celeba')
     workdir = tempfile.mkdtemp()
+    # FID with a randomly initialised Inception: the pipeline, not the score.
+    config.eval.fid_weights = os.path.join(workdir, 'inception.npz')
+    variables = jax.jit(inception.FIDInceptionV3().init)(
+      jax.random.key(0), jnp.zeros((1, 75, 75, 3))
+    )
+    fid.save_inception(config.eval.fid_weights, variables)
+    config.eval.fid_samples = 16
     with tfds.testing.mock_data(num_examples=64):
       for stage in launch.DEFAULT_STAGES:
         launch.STAGES[stage](config, workdir)
     self.check_outputs(workdir, config)
+    self.assertGreater(eval_record(workdir)['fid'], 0)
 
   def test_folder_of_jpegs_through_the_command_line(self):
     folder, workdir = tempfile.mkdtemp(), tempfile.mkdtemp()
@@ -89,7 +101,9 @@ class CelebaPipelineTest(absltest.TestCase):
       timeout=600,
     )
     self.assertEqual(result.returncode, 0, result.stderr[-4000:])
+    self.assertIn('FID skipped: eval.fid_weights is not set', result.stderr)
     self.check_outputs(workdir, tiny.get_config('celeba'))
+    self.assertNotIn('fid', eval_record(workdir))
 
     edit = [sys.executable, '-m', 'experiments.edit', f'--workdir={workdir}', '--a=0', '--b=3']
     result = subprocess.run(
