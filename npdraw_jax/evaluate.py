@@ -127,7 +127,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   per_image = collections.defaultdict(list)
   batches = input_pipeline.eval_batches(test, config.data, local_batch, config.seed)
-  for b, batch in enumerate(batches):
+  num_batches = -(-test.num_examples // local_batch)
+  description = f'{STAGE} (S = {", ".join(map(str, iwae_sample_counts(config)))})'
+  for b, batch in enumerate(tqdm(batches, total=num_batches, desc=description, unit='batch')):
     batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
     bounds = jax.device_get(eval_step(variables, bank, batch, jax.random.fold_in(key, b)))
     mask = bounds.pop('mask')
