@@ -53,6 +53,22 @@ def _hide_accelerators_from_tensorflow():
   tf.config.set_visible_devices([], 'GPU')
 
 
+def prepare(config) -> None:
+  """What every command does before its stages: quiet Orbax's per-save lines,
+  keep TensorFlow off the accelerators, log the devices."""
+  logging.get_absl_handler().addFilter(_QuietCheckpointer())
+  if config.data.source == 'tfds':
+    _hide_accelerators_from_tensorflow()
+  logging.info(
+    'JAX process %d of %d, %d local / %d global devices (%s).',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
+
+
 def run(config_name: str) -> None:
   """Defines the flags with configs/<config_name>.py as default and runs."""
   default_config = os.path.join(os.path.dirname(configs.__file__), f'{config_name}.py')
@@ -65,19 +81,9 @@ def run(config_name: str) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
     stages = check_stages(flags.FLAGS.stages)
-    logging.get_absl_handler().addFilter(_QuietCheckpointer())
     config = flags.FLAGS.config
     workdir = os.path.abspath(flags.FLAGS.workdir)
-    if config.data.source == 'tfds':
-      _hide_accelerators_from_tensorflow()
-    logging.info(
-      'JAX process %d of %d, %d local / %d global devices (%s).',
-      jax.process_index(),
-      jax.process_count(),
-      jax.local_device_count(),
-      jax.device_count(),
-      jax.devices()[0].platform,
-    )
+    prepare(config)
     os.makedirs(workdir, exist_ok=True)
     for name in stages:
       logging.info('=== Stage %s ===', name)

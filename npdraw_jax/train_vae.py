@@ -46,7 +46,11 @@ def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam: encoder at lr, decoder at 0.1 lr; the prior frozen unless finetune_prior."""
+  """Adam: encoder at lr, decoder at 0.1 lr; the prior frozen unless finetune_prior.
+
+  Parameters are grouped by their top-level name, so a model without a prior
+  (the baseline VAE) trains with the same optimizer.
+  """
   lr = config.vae.lr
   return optax.multi_transform(
     {
@@ -54,7 +58,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       'decoder': optax.adam(0.1 * lr),
       'prior': optax.adam(lr) if config.vae.finetune_prior else optax.set_to_zero(),
     },
-    {'encoder': 'encoder', 'decoder': 'decoder', 'prior': 'prior'},
+    lambda params: {name: name for name in params},
   )
 
 

