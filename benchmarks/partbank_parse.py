@@ -1,21 +1,15 @@
-"""Part bank plus raster parse of 60,000 MNIST-sized images.
+"""Part bank plus raster parse of MNIST-sized images (60,000 in the full run).
 
-  python -m benchmarks.partbank_parse [--num_images=60000]
-
-The 5,000 embedded digits are tiled to the requested count; timings include
-compilation (reported separately) and are appended to benchmarks/RESULTS.md.
+The 5,000 embedded digits are tiled to the requested count; the first parse
+(with compilation) is reported apart from a second, compiled one.
 """
 
 import time
 
 import numpy as np
-from absl import app, flags
 
-from benchmarks import results
 from configs import mnist
 from npdraw_jax import input_pipeline, parsing, pipeline
-
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 60_000, 'Images to cluster and parse.')
 
 
 def measure(num_images: int) -> list[str]:
@@ -63,12 +57,3 @@ def measure(num_images: int) -> list[str]:
     f'| raster parse, compiled | {warm_parse:.1f} | {num_images / warm_parse:,.0f} |',
     f'| **bank + first parse** | **{total:.1f}** | {num_images / total:,.0f} |',
   ]
-
-
-def main(argv):
-  del argv
-  print(results.append_section('Part bank and parser', measure(_NUM_IMAGES.value)))
-
-
-if __name__ == '__main__':
-  app.run(main)

@@ -1,32 +1,21 @@
 """Stage-1 (prior) train-step throughput.
 
-  python -m benchmarks.prior_train [--steps=5]
-
-At the MNIST and CelebA configurations, each with its prior.batch_size and with
-batch 64: the train state is built as train_prior.train_and_evaluate builds it
+The train state is built as train_prior.train_and_evaluate builds it
 (make_init_fn: TrainState.create with its optax chain, replicated over the
 mesh), the jitted step is train_prior.make_steps', and the batch is random
 parse-like sequences (pres, where, what of shape [B, T]) with a random part
 bank. The first step (compile + run) is reported apart from the median of the
-next --steps. Appends to benchmarks/RESULTS.md.
+timed steps.
 """
-
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
-from benchmarks import results, timing
-from configs import celeba, mnist
+from benchmarks import timing
 from npdraw_jax import pipeline, sharding, train_lib, train_prior
 from npdraw_jax.models import prior as prior_lib
-
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed train steps after the compile step.')
-
-CONFIGS = (('MNIST', mnist.get_config), ('CelebA', celeba.get_config))
-SMALL_BATCH = 64
 
 
 def random_sequences(config, num_locations: int, batch: int, seed: int = 0) -> dict:
@@ -82,37 +71,22 @@ def measure(name: str, get_config, batch_size: int, steps: int) -> dict:
   }
 
 
-def table(rows: list[dict], steps: int) -> list[str]:
+def table(rows: list[dict]) -> list[str]:
   """Markdown for the measured configurations."""
   lines = [
-    f'Stage-1 prior train step (teacher forcing: render T canvases, Transformer, backward, '
-    f'Adam), random parse-like sequences, {jax.device_count()} device(s). "first step" = '
-    f'compile + one step; median over the next {steps} steps.',
+    'Stage-1 prior train step (teacher forcing: render T canvases, Transformer, backward, '
+    'Adam), random parse-like sequences. "first step" = compile + one step; then the median '
+    'of the timed steps.',
     '',
-    '| config | canvas | T = L | K | params | batch | first step (s) | s / step (median) | '
-    'images/s |',
-    '|---|---|---|---|---|---|---|---|---|',
+    '| config | canvas | T = L | K | params | batch | first step (s) | timed steps | '
+    's / step (median) | images/s |',
+    '|---|---|---|---|---|---|---|---|---|---|',
   ]
   for row in rows:
     lines.append(
       f'| {row["name"]} | {row["canvas"]} | {row["T"]} | {row["K"]} | '
       f'{row["params"] / 1e6:.2f}M | {row["batch"]} | {row["compile_s"]:.1f} | '
-      f'{row["median_s"]:.3f} | {row["batch"] / row["median_s"]:,.0f} |'
+      f'{len(row["all_s"])} | {row["median_s"]:.3f} | '
+      f'{timing.rate(row["batch"], row["median_s"])} |'
     )
   return lines
-
-
-def main(argv):
-  del argv
-  start = time.perf_counter()
-  rows = []
-  for name, get_config in CONFIGS:
-    for batch_size in dict.fromkeys((get_config().prior.batch_size, SMALL_BATCH)):
-      rows.append(measure(name, get_config, batch_size, _STEPS.value))
-  lines = table(rows, _STEPS.value)
-  lines += ['', f'Whole benchmark: {time.perf_counter() - start:.0f} s.']
-  print(results.append_section('Prior training throughput', lines))
-
-
-if __name__ == '__main__':
-  app.run(main)

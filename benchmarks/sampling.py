@@ -1,35 +1,22 @@
 """Cached (KV) prior sampler against the naive O(T^2) one.
 
-  python -m benchmarks.sampling [--batch=64] [--repeats=3]
-
-At the MNIST prior (canvas 28, T = L = 36, K = 50) and the CelebA prior
-(canvas 32x32x3, T = L = 64, K = 200), with randomly initialised parameters and
-a random part bank, both samplers draw one batch from the same key; their
-samples must agree. The timed calls then alternate cached / naive in this one
-process, so machine noise hits both alike. The naive sampler stops repeating
-once its timed calls would exceed --naive_budget_s. Appends to
-benchmarks/RESULTS.md.
+With randomly initialised prior parameters and a random part bank, both
+samplers draw one batch from the same key and must agree; the timed calls
+then alternate cached / naive in this one process, so machine noise hits both
+alike. The naive sampler stops repeating once its timed calls would pass a
+time budget.
 """
 
-import time
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
-from benchmarks import results, timing
-from configs import celeba, mnist
+from benchmarks import timing
 from npdraw_jax import pipeline, sampling
 from npdraw_jax.models import prior as prior_lib
-
-_BATCH = flags.DEFINE_integer('batch', 64, 'Samples per sampler call.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per sampler after the first.')
-_NAIVE_BUDGET_S = flags.DEFINE_float(
-  'naive_budget_s', 100.0, 'Seconds of timed naive calls per configuration before it stops.'
-)
-
-CONFIGS = (('MNIST', mnist.get_config), ('CelebA', celeba.get_config))
 
 
 def _setup(config, seed: int = 0):
@@ -74,14 +61,12 @@ def measure(name: str, get_config, batch: int, repeats: int, naive_budget_s: flo
   drawn = np.asarray(first['cached']['output'].pres).sum(axis=1)
   logging.info('%s: samples agree; %.1f parts drawn per sample.', name, drawn.mean())
 
-  seconds = {'cached': [], 'naive': []}
-  for r in range(repeats):
-    for kind, sampler in samplers.items():
-      spent = seconds[kind]
-      if kind == 'naive' and spent and sum(spent) + max(spent) > naive_budget_s:
-        continue
-      spent.extend(timing.time_call(sampler, params, bank, key, repeats=1, warmup=0)['all_s'])
-      logging.info('%s round %d: %s %.3f s.', name, r, kind, spent[-1])
+  seconds = timing.alternate(
+    {kind: functools.partial(sampler, params, bank, key) for kind, sampler in samplers.items()},
+    repeats,
+    naive_budget_s,
+  )
+  logging.info('%s: %s', name, seconds)
   return {
     'name': name,
     'T': config.model.T,
@@ -112,38 +97,17 @@ def table(rows: list[dict], batch: int, repeats: int) -> list[str]:
       lines.append(
         f'| {row["name"]} | {row["canvas"]} | {row["T"]} | {row["K"]} | '
         f'{row["params"] / 1e6:.2f}M | {kind} | {row["compile_s"][kind]:.1f} | '
-        f'{len(row["seconds"][kind])} | {median:.3f} | {row_rate(batch, median)} |'
+        f'{len(row["seconds"][kind])} | {median:.3f} | {timing.rate(batch, median)} |'
       )
   for row in rows:
     if len(row['seconds']['naive']) < repeats:
       lines += [
         '',
         f'The naive sampler at {row["name"]} ran {len(row["seconds"]["naive"])} timed '
-        f'call(s) instead of {repeats}: the time budget (--naive_budget_s) stopped it.',
+        f'call(s) instead of {repeats}: its time budget stopped it.',
       ]
   lines += ['', '| prior | speed-up naive / cached (median s / batch) |', '|---|---|']
   for row in rows:
     ratio = np.median(row['seconds']['naive']) / np.median(row['seconds']['cached'])
     lines.append(f'| {row["name"]} (T = {row["T"]}) | **{ratio:.1f}x** |')
   return lines
-
-
-def row_rate(batch: int, seconds: float) -> str:
-  """Images per second, formatted."""
-  return f'{batch / seconds:,.0f}' if batch / seconds >= 10 else f'{batch / seconds:.1f}'
-
-
-def main(argv):
-  del argv
-  start = time.perf_counter()
-  rows = [
-    measure(name, get_config, _BATCH.value, _REPEATS.value, _NAIVE_BUDGET_S.value)
-    for name, get_config in CONFIGS
-  ]
-  lines = table(rows, _BATCH.value, _REPEATS.value)
-  lines += ['', f'Whole benchmark: {time.perf_counter() - start:.0f} s.']
-  print(results.append_section('Prior sampling: cached vs naive', lines))
-
-
-if __name__ == '__main__':
-  app.run(main)

@@ -1,32 +1,43 @@
-"""Stage-2 (encoder + decoder against the frozen prior) train-step throughput.
+"""Stage-2 (encoder + decoder against the frozen prior) train step: speed, memory, FLOPs, variants.
 
-  python -m benchmarks.vae_train [--steps=3]
-
-At the MNIST and CelebA configurations, each with batch 64 and its reference
-vae.batch_size: the state is built as train_vae builds it, the step is
-train_vae.make_train_step, the batch random images with random parses.
-Compile time (lower + compile) is reported apart from the first run of the
-compiled step and the median of the next --steps; memory is XLA's account
-of the compiled step (arguments, outputs and temporaries), plus the device's
-own peak where the backend reports one.
-Appends to benchmarks/RESULTS.md.
+The state is built as train_vae builds it, the step is train_vae.make_train_step
+(compiled ahead of time, so compile time is apart), the batch is random
+images with random parses and the part bank random. Variants of the step
+(the renderer, the transposed convolutions, the compute dtype) are compiled
+side by side and timed in turn in one process.
 """
 
+import contextlib
+import dataclasses
+import functools
 import time
+from collections.abc import Callable
+from unittest import mock
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
-from benchmarks import results, timing
-from configs import celeba, mnist
-from npdraw_jax import npdraw, sharding, train_lib, train_vae
+from benchmarks import timing
+from npdraw_jax import canvas, npdraw, sharding, train_lib, train_vae
+from npdraw_jax.models import layers
 
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed train steps after the first one.')
-_ONLY = flags.DEFINE_list('only', ['MNIST', 'CelebA'], 'Configurations to measure.')
 
-CONFIGS = {'MNIST': mnist.get_config, 'CelebA': celeba.get_config}
-SMALL_BATCH = 64
+def lax_conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """What flax's nn.ConvTranspose computes: one input-dilated convolution."""
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  return jax.lax.conv_transpose(x, kernel, (stride, stride), 'SAME', dimension_numbers=dims)
+
+
+# The alternatives to what the model uses, patched in while a step is traced.
+BASELINES = {
+  'renderer: `place` einsum': lambda: mock.patch.object(
+    canvas, 'place_straight_through', canvas.place
+  ),
+  'transposed conv: lax.conv_transpose': lambda: mock.patch.object(
+    layers, 'conv_transpose', lax_conv_transpose
+  ),
+}
 
 
 def random_batch(config, num_locations: int, batch: int) -> dict:
@@ -46,25 +57,62 @@ def random_batch(config, num_locations: int, batch: int) -> dict:
   }
 
 
-def measure(name: str, get_config, batch_size: int, steps: int) -> dict:
-  """Times stage-2 train steps of one configuration at one global batch size."""
+@dataclasses.dataclass
+class CompiledStep:
+  """One compiled stage-2 step and XLA's account of it.
+
+  Attributes:
+    run: runs one step (continuing from the last) and returns its metrics.
+    compile_s: seconds to lower and compile.
+    xla_bytes: arguments + outputs + temporaries of the compiled step.
+    flops: XLA's cost analysis of the compiled step.
+  """
+
+  run: Callable[[], dict]
+  compile_s: float
+  xla_bytes: int | None
+  flops: float | None
+
+
+def _flops(compiled) -> float | None:
+  # A dict in jax 0.10; older versions return a list with one dict per program.
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):
+    cost = cost[0] if cost else None
+  return None if not cost else cost.get('flops')
+
+
+@functools.cache
+def compile_step(
+  get_config: Callable,
+  batch_size: int,
+  baselines: tuple[str, ...] = (),
+  compute_dtype: str = 'float32',
+) -> CompiledStep:
+  """The stage-2 step of a configuration at a global batch size, with baselines patched in.
+
+  Cached, so the throughput rows and the comparisons share compiled steps.
+  """
   config = get_config()
   config.vae.batch_size = batch_size
+  config.model.compute_dtype = compute_dtype
   sharding.check_batch_size(batch_size, 'vae.batch_size')
   mesh = sharding.make_mesh()
-  model = npdraw.make_model(config)
-  prior_params = jax.jit(lambda k: npdraw.init_variables(model, k))(jax.random.key(0))
-  init_fn = train_vae.make_init_fn(config, model, prior_params['params']['prior'])
-  state = train_lib.init_replicated(init_fn, mesh)
-  train_step = train_vae.make_train_step(model, config, mesh, steps_per_epoch=100)
-  p, c = config.model.patch_size, config.data.channels
-  bank = sharding.replicate(
-    np.random.default_rng(1).random((config.model.K, p, p, c), dtype=np.float32), mesh
-  )
-  batch = sharding.to_global(random_batch(config, model.grid.num_locations, batch_size), mesh)
-  start = time.perf_counter()
-  compiled = train_step.lower(state, bank, batch).compile()
-  compile_s = time.perf_counter() - start
+  with contextlib.ExitStack() as patches:
+    for baseline in baselines:
+      patches.enter_context(BASELINES[baseline]())
+    model = npdraw.make_model(config)
+    # No trained prior: the init draws fresh prior parameters.
+    state = train_lib.init_replicated(train_vae.make_init_fn(config, model, None), mesh)
+    train_step = train_vae.make_train_step(model, config, mesh, steps_per_epoch=100)
+    p, c = config.model.patch_size, config.data.channels
+    bank = sharding.replicate(
+      np.random.default_rng(1).random((config.model.K, p, p, c), dtype=np.float32), mesh
+    )
+    batch = sharding.to_global(random_batch(config, model.grid.num_locations, batch_size), mesh)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, bank, batch).compile()
+    compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   xla_bytes = None
   if memory is not None:
@@ -72,75 +120,74 @@ def measure(name: str, get_config, batch_size: int, steps: int) -> dict:
       memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
     )
 
-  def step():
+  def run():
     # The step donates its state, so each call continues from the last one's.
     nonlocal state
     state, metrics = compiled(state, bank, batch)
     return metrics
 
-  logging.info(
-    '%s, batch %d: compiled in %.1f s; running %d steps.', name, batch_size, compile_s, steps + 1
-  )
-  timed = timing.time_call(step, repeats=steps)
+  return CompiledStep(run, compile_s, xla_bytes, _flops(compiled))
+
+
+def _checked_first_step(label: str, step: CompiledStep) -> float:
+  """Runs the first step (untimed warm-up); its seconds. Fails on a non-finite loss."""
+  timed = timing.time_call(step.run, repeats=0)
   loss = float(timed['output']['loss'])
   if not np.isfinite(loss):
-    raise FloatingPointError(f'{name}, batch {batch_size}: non-finite loss {loss}.')
-  logging.info(
-    '%s, batch %d: first step %.1f s, then %s', name, batch_size, timed['compile_s'], timed['all_s']
-  )
+    raise FloatingPointError(f'{label}: non-finite loss {loss}.')
+  return timed['compile_s']
+
+
+def measure(name: str, get_config, batch_size: int, steps: int, budget_s: float) -> dict:
+  """Compile time, first step, median of up to `steps` timed steps, memory and FLOPs."""
+  label = f'stage 2, {name}, batch {batch_size}'
+  step = compile_step(get_config, batch_size)
+  logging.info('%s: compiled in %.1f s.', label, step.compile_s)
+  first_s = _checked_first_step(label, step)
+  seconds = timing.alternate({'step': step.run}, steps, budget_s)['step']
+  logging.info('%s: first step %.1f s, then %s', label, first_s, seconds)
   stats = jax.devices()[0].memory_stats() or {}
+  config = get_config()
+  side, channels = config.data.image_size, config.data.channels
   return {
     'name': name,
     'batch': batch_size,
-    'image': f'{config.data.image_size}x{config.data.image_size}x{c}',
-    'compile_s': compile_s,
-    'first_s': timed['compile_s'],
-    'median_s': timed['median_s'] or timed['compile_s'],
-    'xla_gib': None if xla_bytes is None else xla_bytes / 2**30,
-    'device_peak_gib': stats.get('peak_bytes_in_use', 0) / 2**30 or None,
+    'image': f'{side}x{side}x{channels}',
+    'compile_s': step.compile_s,
+    'first_s': first_s,
+    'seconds': seconds,
+    'median_s': float(np.median(seconds)),
+    'xla_bytes': step.xla_bytes,
+    'device_peak_bytes': stats.get('peak_bytes_in_use'),
+    'flops': step.flops,
   }
 
 
-def _gib(value) -> str:
-  return 'n/a' if value is None else f'{value:.2f}'
+def compare(
+  name: str, get_config, batch_size: int, variants: dict, rounds: int, budget_s: float
+) -> dict:
+  """Variants of one step, compiled side by side and timed in turn.
 
+  Args:
+    name: the configuration's name.
+    get_config: its get_config.
+    batch_size: global batch.
+    variants: label -> keyword arguments of compile_step.
+    rounds: timed steps per variant at most.
+    budget_s: per-variant time budget of the timed steps (see timing.alternate).
 
-def table(rows: list[dict], steps: int) -> list[str]:
-  """Markdown for the measured configurations."""
-  lines = [
-    'Stage-2 train step (encoder, Gumbel latents, relaxed rendering, decoder, frozen-prior '
-    f'KL, parse supervision, backward, Adam), random data, {jax.device_count()} device(s). '
-    f'Compile time apart; "first step" runs the compiled step once; median over the next '
-    f"{steps} steps (the first step when 0). Memory: XLA's "
-    'account of the compiled step (arguments + outputs + temporaries); device peak where '
-    'the backend reports it (not on CPU).',
-    '',
-    '| config | image | batch | compile (s) | first step (s) | s / step (median) | images/s '
-    '| XLA memory (GiB) | device peak (GiB) |',
-    '|---|---|---|---|---|---|---|---|---|',
-  ]
-  for row in rows:
-    lines.append(
-      f'| {row["name"]} | {row["image"]} | {row["batch"]} | {row["compile_s"]:.1f} | '
-      f'{row["first_s"]:.1f} | '
-      f'{row["median_s"]:.3f} | {row["batch"] / row["median_s"]:,.3g} | '
-      f'{_gib(row["xla_gib"])} | {_gib(row["device_peak_gib"])} |'
-    )
-  return lines
-
-
-def main(argv):
-  del argv
-  start = time.perf_counter()
-  rows = []
-  for name in _ONLY.value:
-    get_config = CONFIGS[name]
-    for batch_size in dict.fromkeys((SMALL_BATCH, get_config().vae.batch_size)):
-      rows.append(measure(name, get_config, batch_size, _STEPS.value))
-  lines = table(rows, _STEPS.value)
-  lines += ['', f'Whole benchmark: {time.perf_counter() - start:.0f} s.']
-  print(results.append_section('VAE (stage-2) training throughput', lines))
-
-
-if __name__ == '__main__':
-  app.run(main)
+  Returns:
+    {'name', 'batch', 'seconds': label -> timed seconds, 'compile_s': label -> seconds}.
+  """
+  steps = {}
+  for label, kwargs in variants.items():
+    steps[label] = compile_step(get_config, batch_size, **kwargs)
+    _checked_first_step(f'{name}, batch {batch_size}, {label}', steps[label])
+  seconds = timing.alternate({k: s.run for k, s in steps.items()}, rounds, budget_s)
+  logging.info('%s, batch %d variants: %s', name, batch_size, seconds)
+  return {
+    'name': name,
+    'batch': batch_size,
+    'seconds': seconds,
+    'compile_s': {k: s.compile_s for k, s in steps.items()},
+  }

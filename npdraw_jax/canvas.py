@@ -5,13 +5,19 @@ grid location `where_t` when `pres_t` is set, and the canvas keeps the
 element-wise maximum of everything pasted so far. Parts that overhang the
 canvas border are clipped.
 
-Two ways to put a part on the canvas:
+Three ways to put a part on the canvas:
 - `paste`: hard integer location, pad-and-slice (`lax.dynamic_update_slice`).
 - `place`: a weight per location (one-hot or soft), a linear map built from
   the separable row/column placement matrices; gradients reach the weights.
+- `place_straight_through`: `place` for weights that are one-hot in value
+  (straight-through samples, parses): `paste` forward, `place`'s gradient.
+  Training renders with it: in the stage-2 train step it is a little faster
+  than the `place` einsum (benchmarks/RESULTS.md, "Variants in the stage-2
+  train step"), and exact on backends whose float32 matmuls round.
 """
 
 import dataclasses
+import functools
 import math
 
 import chex
@@ -88,7 +94,8 @@ def paste(grid: Grid, parts: jax.Array, where: jax.Array) -> jax.Array:
   def paste_one(part, loc):
     row, col = corners[loc, 0], corners[loc, 1]
     zeros = jnp.zeros((padded, padded, channels), part.dtype)
-    full = jax.lax.dynamic_update_slice(zeros, part, (row, col, 0))
+    # A typed zero: a Python 0 would be int64 under jax_enable_x64.
+    full = jax.lax.dynamic_update_slice(zeros, part, (row, col, jnp.zeros((), row.dtype)))
     return full[: grid.canvas_size, : grid.canvas_size]
 
   flat = jax.vmap(paste_one)(parts.reshape(-1, p, p, channels), where.reshape(-1).astype(jnp.int32))
@@ -119,6 +126,58 @@ def place(grid: Grid, parts: jax.Array, where_weights: jax.Array) -> jax.Array:
   mixed = jnp.einsum('...ab,...ayjc->...byjc', weights, rows)
   out = jnp.einsum('...byjc,bxj->...yxc', mixed, placement)
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def place_straight_through(grid: Grid, parts: jax.Array, where_weights: jax.Array) -> jax.Array:
+  """`place` for weights that are one-hot in value: pad-and-slice forward, `place`'s gradient.
+
+  For a straight-through sample (one-hot forward, soft gradient) or a parse,
+  sum_l w_l * paste(part, l) is the paste at argmax(w), so the forward only
+  writes each part once; the backward crops the incoming gradient at every
+  location and returns exactly `place`'s vector-Jacobian product. Soft
+  weights need `place`: here their forward would be wrong.
+
+  Args:
+    grid: the canvas geometry.
+    parts: [..., p, p, C] parts.
+    where_weights: [..., L], one-hot in value.
+
+  Returns:
+    [..., Hc, Wc, C].
+  """
+  chex.assert_shape(where_weights, (*parts.shape[:-3], grid.num_locations))
+  return paste(grid, parts, jnp.argmax(where_weights, axis=-1))
+
+
+def _place_straight_through_fwd(grid, parts, where_weights):
+  return place_straight_through(grid, parts, where_weights), (parts, where_weights)
+
+
+def _place_straight_through_bwd(grid, residuals, g):
+  parts, where_weights = residuals
+  crops = crop_all(grid, g)  # [..., L, p, p, C]
+  d_parts = jnp.einsum('...l,...lijc->...ijc', where_weights, crops)
+  d_weights = jnp.einsum('...lijc,...ijc->...l', crops, parts)
+  return d_parts, d_weights
+
+
+place_straight_through.defvjp(_place_straight_through_fwd, _place_straight_through_bwd)
+
+
+def crop_all(grid: Grid, canvases: jax.Array) -> jax.Array:
+  """The p x p window at every location, zero past the border: [..., H, W, C] -> [..., L, p, p, C].
+
+  The adjoint of paste: <crop_all(g)[l], part> = <g, paste(part, l)>.
+  """
+  p, size = grid.patch_size, grid.canvas_size
+  padded = max(size, (grid.side - 1) * grid.stride + p)
+  pad = [(0, 0)] * (canvases.ndim - 3) + [(0, padded - size)] * 2 + [(0, 0)]
+  canvases = jnp.pad(canvases, pad)
+  corners = grid.corners()
+  rows = corners[:, 0, None] + np.arange(p)  # [L, p]
+  cols = corners[:, 1, None] + np.arange(p)
+  return canvases[..., rows[:, :, None], cols[:, None, :], :]
 
 
 def boxes(grid: Grid, where: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -181,16 +240,16 @@ def render_relaxed_steps(
   where_weights: jax.Array,
   what_weights: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-  """Relaxed rendering: soft `what`, one-hot (or soft) `where`, `pres` in [0, 1].
+  """Relaxed rendering: soft `what`, straight-through `where`, `pres` in [0, 1].
 
   The part of step t is sum_k what_weights[t, k] * bank[k]; gradients flow to
-  all three inputs.
+  all three inputs (to `where` as through `place`).
 
   Args:
     grid: the canvas geometry.
     bank: [K, p, p, C] parts.
     pres: [..., T] in [0, 1].
-    where_weights: [..., T, L].
+    where_weights: [..., T, L], one-hot in value (see place_straight_through).
     what_weights: [..., T, K].
 
   Returns:
@@ -199,9 +258,9 @@ def render_relaxed_steps(
   chex.assert_shape(where_weights, (*pres.shape, grid.num_locations))
   chex.assert_shape(what_weights, (*pres.shape, bank.shape[0]))
   parts = jnp.einsum('...k,kijc->...ijc', what_weights, bank)
-  canvases = accumulate(place(grid, parts, where_weights), pres)
+  canvases = accumulate(place_straight_through(grid, parts, where_weights), pres)
   ones = jnp.ones((*pres.shape, grid.patch_size, grid.patch_size, 1), bank.dtype)
-  return canvases, accumulate(place(grid, ones, where_weights), pres)
+  return canvases, accumulate(place_straight_through(grid, ones, where_weights), pres)
 
 
 def states_before(canvases: jax.Array, maps: jax.Array) -> tuple[jax.Array, jax.Array]:

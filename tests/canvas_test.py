@@ -102,16 +102,78 @@ class RenderTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(canvases, 0.5 * hard, atol=1e-6)
 
 
+def straight_through(soft):
+  """One-hot in value, the soft weights' gradient (as the stage-2 `where` sample)."""
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), soft.shape[-1], dtype=soft.dtype)
+  return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+class PlaceStraightThroughTest(chex.TestCase):
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(7)
+    self.parts = rng.uniform(size=(3, T, 4, 4, C)).astype(np.float32)
+    self.soft = rng.dirichlet(np.ones(GRID.num_locations), size=(3, T)).astype(np.float32)
+    # The bottom-right location overhangs the border.
+    self.soft[0, 0, -1] = 2.0
+    self.projection = rng.normal(size=(3, T, 13, 13, C)).astype(np.float32)
+
+  def objective(self, place):
+    return lambda parts, soft: jnp.sum(place(GRID, parts, straight_through(soft)) * self.projection)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_values_and_gradients_equal_the_einsum(self):
+    grads = {}
+    for name, place in (('einsum', canvas.place), ('pad', canvas.place_straight_through)):
+      value_and_grad = self.variant(jax.value_and_grad(self.objective(place), argnums=(0, 1)))
+      grads[name] = value_and_grad(self.parts, self.soft)
+    placed = canvas.place_straight_through(GRID, self.parts, straight_through(self.soft))
+    np.testing.assert_array_equal(
+      placed, canvas.place(GRID, self.parts, straight_through(self.soft))
+    )
+    chex.assert_trees_all_close(grads['pad'], grads['einsum'], rtol=1e-6, atol=1e-6)
+
+  def test_gradients_match_numpy(self):
+    d_parts, d_soft = jax.grad(self.objective(canvas.place_straight_through), argnums=(0, 1))(
+      self.parts, self.soft
+    )
+    where = self.soft.argmax(-1)
+    for b in range(3):
+      for t in range(T):
+        proj = self.projection[b, t]
+        # d/dw_l <proj, paste(part, l)> for every location l.
+        want = [
+          np.sum(proj * references.render(self.parts[b, t][None], [1], [loc], [0], 13, 3)[0])
+          for loc in range(GRID.num_locations)
+        ]
+        np.testing.assert_allclose(d_soft[b, t], want, rtol=1e-5, atol=1e-5)
+        # The part gets the projection's window at its (one-hot) location.
+        r, c = GRID.corners()[where[b, t]]
+        window = references.padded_patch(proj, r, c, 4)
+        np.testing.assert_allclose(d_parts[b, t], window, rtol=1e-6, atol=1e-6)
+
+
 class GradientTest(parameterized.TestCase):
-  @parameterized.parameters('what', 'where', 'pres')
-  def test_gradient_matches_finite_differences(self, argument):
+  def _check_finite_differences(self, objective, x):
+    grad = np.asarray(jax.grad(objective)(x)).reshape(-1)
+    eps = 1e-6
+    numeric = np.empty(x.size)
+    for flat in range(x.size):
+      step = np.zeros(x.size)
+      step[flat] = eps
+      step = step.reshape(x.shape)
+      numeric[flat] = (objective(x + step) - objective(x - step)) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
+    self.assertGreater(np.abs(grad).max(), 0.0)
+
+  @parameterized.parameters('what', 'pres')
+  def test_relaxed_gradient_matches_finite_differences(self, argument):
     # float64, so central differences are accurate enough to compare closely.
     with jax.enable_x64(True):
       rng = np.random.default_rng(5)
       bank, _, where, what = random_drawing(6, batch=())
       inputs = {
         'pres': rng.uniform(0.2, 0.9, size=T),
-        'where': 0.6 * np.eye(GRID.num_locations)[where] + 0.4 / GRID.num_locations,
         'what': rng.dirichlet(np.ones(K), size=T),
       }
       projection = rng.normal(size=(13, 13, C))
@@ -119,21 +181,22 @@ class GradientTest(parameterized.TestCase):
       def objective(value):
         args = {**inputs, argument: value}
         canvases, maps = canvas.render_relaxed_steps(
-          GRID, bank.astype(np.float64), args['pres'], args['where'], args['what']
+          GRID, bank.astype(np.float64), args['pres'], np.eye(25)[where], args['what']
         )
         return jnp.sum(canvases[-1] * projection) + jnp.sum(maps[-1] * projection[..., :1])
 
-      x = inputs[argument]
-      grad = np.asarray(jax.grad(objective)(x)).reshape(-1)
-      eps = 1e-6
-      numeric = np.empty(x.size)
-      for flat in range(x.size):
-        step = np.zeros(x.size)
-        step[flat] = eps
-        step = step.reshape(x.shape)
-        numeric[flat] = (objective(x + step) - objective(x - step)) / (2 * eps)
-    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-6)
-    self.assertGreater(np.abs(grad).max(), 0.0)
+      self._check_finite_differences(objective, inputs[argument])
+
+  def test_place_gradient_matches_finite_differences(self):
+    # `place` is linear in soft weights; its gradient is what `where` receives.
+    with jax.enable_x64(True):
+      rng = np.random.default_rng(8)
+      parts = rng.uniform(size=(4, 4, C))
+      projection = rng.normal(size=(13, 13, C))
+      weights = rng.dirichlet(np.ones(GRID.num_locations))
+      self._check_finite_differences(
+        lambda w: jnp.sum(canvas.place(GRID, parts, w) * projection), weights
+      )
 
 
 if __name__ == '__main__':

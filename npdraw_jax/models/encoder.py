@@ -8,10 +8,12 @@ of two heads predicting all T steps at once:
 """
 
 import math
+from typing import Any
 
 import chex
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from npdraw_jax.models import layers
 
@@ -19,7 +21,10 @@ HEADS = ('mlp', 'fcn')
 
 
 class Encoder(nn.Module):
-  """x [B, H, W, C] -> {'pres': [B, T], 'where': [B, T, L], 'what': [B, T, K]}."""
+  """x [B, H, W, C] -> {'pres': [B, T], 'where': [B, T, L], 'what': [B, T, K]}, float32.
+
+  Computes in `dtype` (parameters stay float32).
+  """
 
   num_steps: int
   num_locations: int
@@ -27,6 +32,7 @@ class Encoder(nn.Module):
   features: int
   head: str
   hidden: int = 512
+  dtype: Any = jnp.float32
 
   def setup(self):
     if self.head not in HEADS:
@@ -39,14 +45,16 @@ class Encoder(nn.Module):
     chex.assert_rank(x, 4)
     batch = x.shape[0]
     width = 1 + self.num_locations + self.num_parts
-    h = layers.DownBody(self.features)(x, train)
+    h = layers.DownBody(self.features, dtype=self.dtype)(x, train)
     if self.head == 'mlp':
-      h = nn.relu(nn.Dense(self.hidden)(h.reshape(batch, -1)))
-      logits = nn.Dense(self.num_steps * width)(h).reshape(batch, self.num_steps, width)
+      h = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(h.reshape(batch, -1)))
+      logits = nn.Dense(self.num_steps * width, dtype=self.dtype)(h)
     else:
       side = math.isqrt(self.num_steps)
       h = jax.image.resize(h, (batch, side, side, h.shape[-1]), 'bilinear')
-      logits = nn.Conv(width, (1, 1))(h).reshape(batch, self.num_steps, width)
+      logits = nn.Conv(width, (1, 1), dtype=self.dtype)(h)
+    # The latents and losses are computed from float32 logits.
+    logits = logits.reshape(batch, self.num_steps, width).astype(jnp.float32)
     return {
       'pres': logits[..., 0],
       'where': logits[..., 1 : 1 + self.num_locations],

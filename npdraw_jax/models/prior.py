@@ -9,11 +9,15 @@ With `decode=True` the attention layers keep keys and values in the 'cache'
 collection and the model takes one token per call (see sampling.py).
 """
 
+from typing import Any
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from npdraw_jax.models import layers
 
 
 class TokenCNN(nn.Module):
@@ -21,13 +25,14 @@ class TokenCNN(nn.Module):
 
   features: int
   d_model: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     chex.assert_rank(x, 4)
-    x = nn.gelu(nn.Conv(self.features, (3, 3), strides=(2, 2))(x))
-    x = nn.gelu(nn.Conv(2 * self.features, (3, 3), strides=(2, 2))(x))
-    return nn.Dense(self.d_model)(x.reshape(x.shape[0], -1))
+    x = nn.gelu(nn.Conv(self.features, (3, 3), strides=(2, 2), dtype=self.dtype)(x))
+    x = nn.gelu(nn.Conv(2 * self.features, (3, 3), strides=(2, 2), dtype=self.dtype)(x))
+    return nn.Dense(self.d_model, dtype=self.dtype)(x.reshape(x.shape[0], -1))
 
 
 class Block(nn.Module):
@@ -37,6 +42,7 @@ class Block(nn.Module):
   mlp_ratio: int
   dropout: float
   decode: bool
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -48,10 +54,11 @@ class Block(nn.Module):
       dropout_rate=self.dropout,
       deterministic=not train,
       decode=self.decode,
-    )(nn.LayerNorm()(x), mask=mask)
+      dtype=self.dtype,
+    )(nn.LayerNorm(dtype=self.dtype)(x), mask=mask)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.Dense(self.mlp_ratio * d_model)(nn.LayerNorm()(x))
-    y = nn.Dense(d_model)(nn.gelu(y))
+    y = nn.Dense(self.mlp_ratio * d_model, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
+    y = nn.Dense(d_model, dtype=self.dtype)(nn.gelu(y))
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -69,6 +76,7 @@ class Prior(nn.Module):
     mlp_ratio: MLP width / d_model.
     dropout: dropout rate (attention, residuals).
     decode: one token per call with a key/value cache.
+    dtype: compute dtype (parameters stay float32; the logits are float32).
   """
 
   num_steps: int
@@ -81,6 +89,7 @@ class Prior(nn.Module):
   mlp_ratio: int
   dropout: float
   decode: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(
@@ -102,17 +111,18 @@ class Prior(nn.Module):
     chex.assert_shape(maps, (batch, length, *canvases.shape[2:4], 1))
     chex.assert_shape(steps, (length,))
     x = jnp.concatenate([canvases, maps], axis=-1)
-    x = TokenCNN(self.token_features, self.d_model)(x.reshape(-1, *x.shape[2:]))
+    x = TokenCNN(self.token_features, self.d_model, self.dtype)(x.reshape(-1, *x.shape[2:]))
     x = x.reshape(batch, length, self.d_model)
-    x = x + nn.Embed(self.num_steps, self.d_model)(steps)[None]
+    x = x + nn.Embed(self.num_steps, self.d_model, dtype=self.dtype)(steps)[None]
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for _ in range(self.num_layers):
-      x = Block(self.num_heads, self.mlp_ratio, self.dropout, self.decode)(x, train)
-    x = nn.LayerNorm()(x)
+      x = Block(self.num_heads, self.mlp_ratio, self.dropout, self.decode, self.dtype)(x, train)
+    x = nn.LayerNorm(dtype=self.dtype)(x)
+    head = lambda size, name: nn.Dense(size, dtype=self.dtype, name=name)(x).astype(jnp.float32)
     return {
-      'pres': nn.Dense(1, name='pres_head')(x)[..., 0],
-      'where': nn.Dense(self.num_locations, name='where_head')(x),
-      'what': nn.Dense(self.num_parts, name='what_head')(x),
+      'pres': head(1, 'pres_head')[..., 0],
+      'where': head(self.num_locations, 'where_head'),
+      'what': head(self.num_parts, 'what_head'),
     }
 
 
@@ -129,4 +139,5 @@ def make_prior(config: ml_collections.ConfigDict, num_locations: int) -> Prior:
     num_heads=p.num_heads,
     mlp_ratio=p.mlp_ratio,
     dropout=p.dropout,
+    dtype=layers.compute_dtype(config.model.compute_dtype),
   )

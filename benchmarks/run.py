@@ -1,0 +1,287 @@
+"""Every benchmark of npdraw-jax, written down as one dated section of RESULTS.md.
+
+  python -m benchmarks.run [--quick] [--only=stage2,prior,sampling,parse,variants,dtype]
+
+Measures on whatever devices JAX sees, at the MNIST and CelebA configurations:
+  stage2    stage-2 train step: images/s, compile time, memory, and its achieved
+            FLOP/s (XLA's cost analysis) against a float32 matmul timed in this run;
+  prior     stage-1 prior train step: images/s;
+  sampling  cached against naive O(T^2) prior sampling (T = 36, 64);
+  parse     part bank and raster parser over MNIST-sized images;
+  variants  the stage-2 step with the model's renderer and transposed convolutions
+            against their alternatives, in turn in one process;
+  dtype     (GPU/TPU only) the stage-2 step in float32 against bfloat16 compute.
+Comparisons are ratios measured in one run, because shared machines are noisy.
+--quick uses small batches, few steps and 10,000 images: minutes on a 2-core CPU.
+"""
+
+import dataclasses
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from benchmarks import partbank_parse, prior_train, results, sampling, timing, vae_train
+from configs import celeba, mnist
+
+ITEMS = ('stage2', 'prior', 'sampling', 'parse', 'variants', 'dtype')
+_QUICK = flags.DEFINE_bool('quick', False, 'Small batches and few steps (minutes on a CPU).')
+_ONLY = flags.DEFINE_list('only', list(ITEMS), f'Benchmarks to run, of {", ".join(ITEMS)}.')
+_RESULTS = flags.DEFINE_string('results', results.RESULTS_FILE, 'Markdown file to append to.')
+
+CONFIGS = {'MNIST': mnist.get_config, 'CelebA': celeba.get_config}
+REFERENCE = None  # In a batch list: the configuration's own (reference) batch size.
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Sizes of one kind of run; budgets are seconds of timed calls per row."""
+
+  stage2_batches: dict[str, tuple[int | None, ...]]
+  stage2_steps: int
+  stage2_budget_s: float
+  prior_batches: tuple[int | None, ...]
+  prior_steps: int
+  sample_batch: int
+  sample_repeats: int
+  naive_budget_s: float
+  parse_images: int
+  matmul_size: int
+  variant_batches: dict[str, int]
+  variant_rounds: int
+  variant_budget_s: float
+
+
+FULL = Settings(
+  stage2_batches={'MNIST': (64, REFERENCE), 'CelebA': (64, REFERENCE)},
+  stage2_steps=5,
+  stage2_budget_s=120.0,
+  prior_batches=(64, REFERENCE),
+  prior_steps=5,
+  sample_batch=64,
+  sample_repeats=3,
+  naive_budget_s=100.0,
+  parse_images=60_000,
+  matmul_size=2048,
+  variant_batches={'MNIST': 64, 'CelebA': 16},
+  variant_rounds=5,
+  variant_budget_s=120.0,
+)
+QUICK = Settings(
+  stage2_batches={'MNIST': (16, 64), 'CelebA': (4, 16)},
+  stage2_steps=3,
+  stage2_budget_s=15.0,
+  prior_batches=(64,),
+  prior_steps=2,
+  sample_batch=8,
+  sample_repeats=2,
+  naive_budget_s=10.0,
+  parse_images=10_000,
+  matmul_size=1024,
+  variant_batches={'MNIST': 16, 'CelebA': 4},
+  variant_rounds=3,
+  variant_budget_s=15.0,
+)
+
+MODEL = 'model'
+DTYPES = {'float32': {}, 'bfloat16': {'compute_dtype': 'bfloat16'}}  # {} shares the cached step.
+
+
+def _on_accelerator() -> bool:
+  return jax.devices()[0].platform != 'cpu'
+
+
+def _gib(value) -> str:
+  return 'n/a' if value is None else f'{value / 2**30:.2f}'
+
+
+def _median(seconds: list[float]) -> float:
+  return float(np.median(seconds))
+
+
+def stage2_lines(settings: Settings) -> list[str]:
+  """Items 1 and 5: the stage-2 step's throughput and memory, then its FLOP/s."""
+  rows = []
+  for name, get_config in CONFIGS.items():
+    reference = get_config().vae.batch_size
+    for batch in dict.fromkeys(b or reference for b in settings.stage2_batches[name]):
+      rows.append(
+        vae_train.measure(name, get_config, batch, settings.stage2_steps, settings.stage2_budget_s)
+      )
+  peak = timing.matmul_flops_per_s(settings.matmul_size)
+  memory_kind = (
+    "device peak is the backend's peak_bytes_in_use for the whole process so far"
+    if _on_accelerator()
+    else 'no device peak on CPU'
+  )
+  lines = [
+    '### Stage-2 train step',
+    '',
+    'Encoder, Gumbel latents, relaxed rendering, decoder, frozen-prior KL, parse '
+    'supervision, backward, Adam; random data. Compile (lower + compile) apart; "first '
+    'step" runs the compiled step once; then the median of the timed steps (fewer where '
+    "their time budget ran out). Memory: XLA's memory analysis of the compiled step "
+    f'(arguments + outputs + temporaries); {memory_kind}.',
+    '',
+    '| config | image | batch | compile (s) | first step (s) | timed steps | '
+    's / step (median) | images/s | XLA memory (GiB) | device peak (GiB) |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for row in rows:
+    lines.append(
+      f'| {row["name"]} | {row["image"]} | {row["batch"]} | {row["compile_s"]:.1f} | '
+      f'{row["first_s"]:.2f} | {len(row["seconds"])} | {row["median_s"]:.3f} | '
+      f'{timing.rate(row["batch"], row["median_s"])} | {_gib(row["xla_bytes"])} | '
+      f'{_gib(row["device_peak_bytes"])} |'
+    )
+  lines += [
+    '',
+    '### Achieved FLOP/s of the stage-2 step',
+    '',
+    f"FLOPs per step from XLA's cost analysis of the compiled step; peak = best of 5 "
+    f'float32 [{settings.matmul_size}, {settings.matmul_size}] matmuls on the same device in '
+    f'this run ({peak / 1e9:,.1f} GFLOP/s).',
+    '',
+    '| config | batch | GFLOP / step | achieved GFLOP/s | utilisation of the matmul peak |',
+    '|---|---|---|---|---|',
+  ]
+  for row in rows:
+    if row['flops'] is None:
+      lines.append(f'| {row["name"]} | {row["batch"]} | n/a | n/a | n/a |')
+      continue
+    achieved = row['flops'] / row['median_s']
+    lines.append(
+      f'| {row["name"]} | {row["batch"]} | {row["flops"] / 1e9:,.1f} | '
+      f'{achieved / 1e9:,.2f} | **{achieved / peak:.1%}** |'
+    )
+  return lines
+
+
+def prior_lines(settings: Settings) -> list[str]:
+  """Item 2: the stage-1 train step."""
+  rows = []
+  for name, get_config in CONFIGS.items():
+    reference = get_config().prior.batch_size
+    for batch in dict.fromkeys(b or reference for b in settings.prior_batches):
+      rows.append(prior_train.measure(name, get_config, batch, settings.prior_steps))
+  return ['### Stage-1 prior train step', '', *prior_train.table(rows)]
+
+
+def sampling_lines(settings: Settings) -> list[str]:
+  """Item 3: cached against naive sampling."""
+  rows = [
+    sampling.measure(
+      name, get_config, settings.sample_batch, settings.sample_repeats, settings.naive_budget_s
+    )
+    for name, get_config in CONFIGS.items()
+  ]
+  table = sampling.table(rows, settings.sample_batch, settings.sample_repeats)
+  return ['### Prior sampling: cached against naive', '', *table]
+
+
+def parse_lines(settings: Settings) -> list[str]:
+  """Item 4: part bank and raster parse."""
+  return ['### Part bank and parser', '', *partbank_parse.measure(settings.parse_images)]
+
+
+def comparison_table(rows: list[dict], reference: str, ratio_label: str) -> list[str]:
+  """Markdown for vae_train.compare rows: each variant's time over the reference's."""
+  lines = [
+    f'| config | batch | variant | compile (s) | timed steps | s / step (median) | images/s | '
+    f'{ratio_label} |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  for row in rows:
+    base = _median(row['seconds'][reference])
+    for label, seconds in row['seconds'].items():
+      median = _median(seconds)
+      lines.append(
+        f'| {row["name"]} | {row["batch"]} | {label} | {row["compile_s"][label]:.1f} | '
+        f'{len(seconds)} | {median:.3f} | {timing.rate(row["batch"], median)} | '
+        f'**{median / base:.2f}x** |'
+      )
+  return lines
+
+
+def variants_lines(settings: Settings) -> list[str]:
+  """Item 6: the model's renderer and transposed convolutions against the alternatives."""
+  variants = {MODEL: {}, **{label: {'baselines': (label,)} for label in vae_train.BASELINES}}
+  rows = [
+    vae_train.compare(
+      name,
+      get_config,
+      settings.variant_batches[name],
+      variants,
+      settings.variant_rounds,
+      settings.variant_budget_s,
+    )
+    for name, get_config in CONFIGS.items()
+  ]
+  return [
+    '### Variants in the stage-2 train step',
+    '',
+    f'"{MODEL}": what the model uses, `canvas.place_straight_through` (pad-and-slice '
+    "forward, the einsum's gradient) and `layers.conv_transpose` (one stride-1 convolution "
+    'per output phase). Each other row swaps one of them for its alternative: the dense '
+    '`canvas.place` einsum with row/column placement matrices, or `lax.conv_transpose` (what '
+    "flax's nn.ConvTranspose runs). Same values and gradients (tests/canvas_test.py, "
+    'tests/layers_test.py); the steps are timed in turn in one process.',
+    '',
+    *comparison_table(rows, MODEL, f's / step over "{MODEL}"'),
+  ]
+
+
+def dtype_lines(settings: Settings) -> list[str]:
+  """Item 7: float32 against bfloat16 compute, on accelerators only."""
+  header = ['### float32 against bfloat16 compute (stage-2 train step)', '']
+  if not _on_accelerator():
+    return [*header, 'Skipped: no GPU (bfloat16 compute is for GPUs and TPUs).']
+  rows = []
+  for name, get_config in CONFIGS.items():
+    reference = get_config().vae.batch_size
+    rows.append(
+      vae_train.compare(
+        name, get_config, reference, DTYPES, settings.variant_rounds, settings.variant_budget_s
+      )
+    )
+  return [
+    *header,
+    '`config.model.compute_dtype`: activations and matmuls in that dtype; parameters, '
+    'latents and losses float32. Timed in turn in one process.',
+    '',
+    *comparison_table(rows, 'float32', 's / step over float32'),
+  ]
+
+
+SECTIONS = {
+  'stage2': stage2_lines,
+  'prior': prior_lines,
+  'sampling': sampling_lines,
+  'parse': parse_lines,
+  'variants': variants_lines,
+  'dtype': dtype_lines,
+}
+
+
+def main(argv):
+  del argv
+  unknown = set(_ONLY.value) - set(ITEMS)
+  if unknown:
+    raise app.UsageError(f'Unknown --only entries {sorted(unknown)}; choose from {ITEMS}.')
+  settings = QUICK if _QUICK.value else FULL
+  start = time.perf_counter()
+  lines = [f'Command: `{" ".join(["python -m benchmarks.run", *sys.argv[1:]])}`']
+  for item in ITEMS:
+    if item in _ONLY.value:
+      logging.info('Benchmark %s.', item)
+      item_start = time.perf_counter()
+      lines += ['', *SECTIONS[item](settings), '', f'({time.perf_counter() - item_start:.0f} s)']
+  lines += ['', f'Whole run: {time.perf_counter() - start:.0f} s.']
+  title = 'Benchmark run' + (' (--quick)' if _QUICK.value else '')
+  print(results.append_section(title, lines, _RESULTS.value))
+
+
+if __name__ == '__main__':
+  app.run(main)
