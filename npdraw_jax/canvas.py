@@ -11,9 +11,10 @@ Three ways to put a part on the canvas:
   the separable row/column placement matrices; gradients reach the weights.
 - `place_straight_through`: `place` for weights that are one-hot in value
   (straight-through samples, parses): `paste` forward, `place`'s gradient.
-  Training renders with it: in the stage-2 train step it is a little faster
-  than the `place` einsum (benchmarks/RESULTS.md, "Variants in the stage-2
-  train step"), and exact on backends whose float32 matmuls round.
+  Training renders with it: in the stage-2 train step it is as fast as the
+  `place` einsum (within a few percent either way, benchmarks/RESULTS.md,
+  "Variants in the stage-2 train step"), it builds no [..., G, Hc, p, C]
+  intermediates, and it stays exact where float32 matmuls round (TPUs).
 """
 
 import dataclasses
