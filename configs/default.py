@@ -27,6 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.train_split = 'train'  # tfds split names.
   config.data.test_split = 'test'
   config.data.folder_test_fraction = 0.1  # folder: share of files held out.
+  # Share of the training split used, in (0, 1]: a subset drawn with
+  # train_subset_seed (smaller fractions' subsets nest in larger ones'). Every
+  # stage sees it; the test split is untouched.
+  config.data.train_fraction = 1.0
+  config.data.train_subset_seed = 0
   config.data.image_size = 28  # Side of the (square) modelled image.
   config.data.canvas_size = 28  # Side of the latent canvas; image or image / 2.
   config.data.channels = 1  # 1 (grey, binary) or 3 (RGB).
@@ -57,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.encoder_head = 'mlp'  # 'mlp' (MNIST, Omniglot) | 'fcn' (CIFAR, CelebA).
   config.model.encoder_features = 64  # Channels of the encoder CNN.
   config.model.decoder_features = 64  # Channels of the decoder CNN.
+  # Activations and matmuls of the encoder, decoder and prior: 'float32' or
+  # 'bfloat16' (for GPUs/TPUs); parameters, latents and losses stay float32.
+  config.model.compute_dtype = 'float32'
 
   # --- Heuristic parser (spec section 3) ---------------------------------------
   config.parse = ml_collections.ConfigDict()
@@ -104,6 +112,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.vae.log_every = 100
   config.vae.checkpoint_every = 1000
   config.vae.keep_checkpoints = 3
+
+  # --- Baseline of the low-data study (spec section 9) -------------------------
+  # A plain VAE with NP-DRAW's nets, likelihood, and stage-2 optimizer, batch
+  # and steps (the vae.* settings); only its latents are its own.
+  config.baseline = ml_collections.ConfigDict()
+  config.baseline.latent_dim = 32  # Dimensions of the Gaussian latent z.
 
   # --- Evaluation (spec section 8) ---------------------------------------------
   config.eval = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ from npdraw_jax import canvas as canvas_lib
 from npdraw_jax import distributions, gumbel, losses, pipeline
 from npdraw_jax.models import decoder as decoder_lib
 from npdraw_jax.models import encoder as encoder_lib
+from npdraw_jax.models import layers
 from npdraw_jax.models import prior as prior_lib
 
 
@@ -39,6 +40,7 @@ def make_model(config: ml_collections.ConfigDict) -> NPDraw:
   """The model a configuration describes."""
   grid = pipeline.grid_from_config(config)
   m, data = config.model, config.data
+  dtype = layers.compute_dtype(m.compute_dtype)
   if data.image_size % data.canvas_size:
     raise ValueError('data.image_size must be 1 or 2 times data.canvas_size.')
   return NPDraw(
@@ -48,11 +50,13 @@ def make_model(config: ml_collections.ConfigDict) -> NPDraw:
       num_parts=m.K,
       features=m.encoder_features,
       head=m.encoder_head,
+      dtype=dtype,
     ),
     decoder=decoder_lib.Decoder(
       features=m.decoder_features,
       out_channels=distributions.num_outputs(m.likelihood, data.channels, m.num_mixtures),
       upsample=data.image_size // data.canvas_size,
+      dtype=dtype,
     ),
     prior=prior_lib.make_prior(config, grid.num_locations),
     grid=grid,
