@@ -70,8 +70,8 @@ FULL = Settings(
   variant_budget_s=120.0,
 )
 QUICK = Settings(
-  stage2_batches={'MNIST': (16, 64), 'CelebA': (4, 16)},
-  stage2_steps=3,
+  stage2_batches={'MNIST': (16, 64), 'CelebA': (4,)},
+  stage2_steps=2,
   stage2_budget_s=15.0,
   prior_batches=(64,),
   prior_steps=2,
@@ -81,8 +81,8 @@ QUICK = Settings(
   parse_images=10_000,
   matmul_size=1024,
   variant_batches={'MNIST': 16, 'CelebA': 4},
-  variant_rounds=3,
-  variant_budget_s=15.0,
+  variant_rounds=2,
+  variant_budget_s=10.0,
 )
 
 MODEL = 'model'
