@@ -17,7 +17,6 @@ eval.iwae_samples and the single-sample bound, as the NP-DRAW eval stage does,
 and logs their means and standard errors (stage 'baseline_eval').
 """
 
-import collections
 import dataclasses
 import math
 import os
@@ -26,7 +25,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
@@ -360,22 +358,15 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   state = restore_trained(config, workdir, model, mesh)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
-  local_batch = sharding.check_batch_size(config.eval.batch_size, 'eval.batch_size')
   eval_step = make_eval_step(model, config, mesh)
-  # As in NP-DRAW's eval stage; eval_batches binarises the test images alike for both.
-  key = jax.random.fold_in(jax.random.key(config.seed), 3)
-  per_image = collections.defaultdict(list)
-  batches = input_pipeline.eval_batches(test, config.data, local_batch, config.seed)
-  for b, batch in enumerate(batches):
-    batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
-    bounds = jax.device_get(eval_step(variables, batch, jax.random.fold_in(key, b)))
-    mask = bounds.pop('mask')
-    for name, values in bounds.items():
-      per_image[name].append(values[mask])
-  per_image = {k: np.concatenate(v) for k, v in per_image.items()}
-  image_dims = config.data.image_size**2 * config.data.channels
-  summary = evaluate.summarise(per_image, image_dims, model.likelihood != 'bernoulli')
-  logging.info('Stage %s on %d test images: %s', EVAL_STAGE, len(per_image['elbo']), summary)
+  summary = evaluate.test_bounds(
+    config,
+    test,
+    mesh,
+    lambda batch, key: eval_step(variables, batch, key),
+    is_8bit=model.likelihood != 'bernoulli',
+  )
+  logging.info('Stage %s on %d test images: %s', EVAL_STAGE, summary['test_images'], summary)
   metrics_log = train_lib.MetricsLog(workdir, EVAL_STAGE)
   metrics_log.write(int(state.step), 'test', summary)
   metrics_log.close()

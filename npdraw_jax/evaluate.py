@@ -97,7 +97,7 @@ def summarise(per_image: dict[str, np.ndarray], num_dims: int, is_8bit: bool) ->
 
   per_image holds 'elbo' and 'nll_iwae_{S}' for one or more S; the summary adds
   'nll_iwae' (and 'bits_per_dim' for 8-bit data), the bound at the largest S,
-  and 'iwae_samples', that S.
+  'iwae_samples', that S, and 'test_images', the number of images.
   """
   largest = max(int(name.rsplit('_', 1)[1]) for name in per_image if name.startswith('nll_iwae_'))
   per_image = {**per_image, 'nll_iwae': per_image[f'nll_iwae_{largest}']}
@@ -108,7 +108,37 @@ def summarise(per_image: dict[str, np.ndarray], num_dims: int, is_8bit: bool) ->
     if is_8bit and name.startswith('nll_iwae'):
       out[name.replace('nll_iwae', 'bits_per_dim')] = out[name] / (num_dims * math.log(2))
   out['iwae_samples'] = largest
+  out['test_images'] = len(per_image['nll_iwae'])
   return out
+
+
+def test_bounds(
+  config: ml_collections.ConfigDict,
+  test: input_pipeline.Split,
+  mesh,
+  bounds_fn: Callable[[dict, jax.Array], dict],
+  is_8bit: bool,
+) -> dict[str, float]:
+  """The summary (see summarise) of per-image bounds over the whole test split.
+
+  bounds_fn(global batch {'image', 'mask'}, key) -> per-image bounds and 'mask',
+  replicated; eval_batches binarises the test images alike for every model.
+  """
+  local_batch = sharding.check_batch_size(config.eval.batch_size, 'eval.batch_size')
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  per_image = collections.defaultdict(list)
+  batches = input_pipeline.eval_batches(test, config.data, local_batch, config.seed)
+  num_batches = -(-test.num_examples // local_batch)
+  description = f'{STAGE} (S = {", ".join(map(str, iwae_sample_counts(config)))})'
+  for b, batch in enumerate(tqdm(batches, total=num_batches, desc=description, unit='batch')):
+    batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
+    bounds = jax.device_get(bounds_fn(batch, jax.random.fold_in(key, b)))
+    mask = bounds.pop('mask')
+    for name, values in bounds.items():
+      per_image[name].append(values[mask])
+  per_image = {k: np.concatenate(v) for k, v in per_image.items()}
+  image_dims = config.data.image_size**2 * config.data.channels
+  return summarise(per_image, image_dims, is_8bit)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -122,27 +152,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
   )
   test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
-  local_batch = sharding.check_batch_size(config.eval.batch_size, 'eval.batch_size')
   eval_step = make_eval_step(model, config, mesh)
-  key = jax.random.fold_in(jax.random.key(config.seed), 3)
-  per_image = collections.defaultdict(list)
-  batches = input_pipeline.eval_batches(test, config.data, local_batch, config.seed)
-  num_batches = -(-test.num_examples // local_batch)
-  description = f'{STAGE} (S = {", ".join(map(str, iwae_sample_counts(config)))})'
-  for b, batch in enumerate(tqdm(batches, total=num_batches, desc=description, unit='batch')):
-    batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
-    bounds = jax.device_get(eval_step(variables, bank, batch, jax.random.fold_in(key, b)))
-    mask = bounds.pop('mask')
-    for name, values in bounds.items():
-      per_image[name].append(values[mask])
-  per_image = {k: np.concatenate(v) for k, v in per_image.items()}
-  image_dims = config.data.image_size**2 * config.data.channels
-  summary = summarise(per_image, image_dims, model.likelihood != 'bernoulli')
+  summary = test_bounds(
+    config,
+    test,
+    mesh,
+    lambda batch, key: eval_step(variables, bank, batch, key),
+    is_8bit=model.likelihood != 'bernoulli',
+  )
   if inception is None:
     logging.info('FID skipped: eval.fid_weights is not set (see the README, "FID").')
   elif jax.process_index() == 0:
     summary['fid'] = compute_fid(config, inception, model, variables, bank, test)
-  logging.info('Stage %s on %d test images: %s', STAGE, len(per_image['elbo']), summary)
+  logging.info('Stage %s on %d test images: %s', STAGE, summary['test_images'], summary)
   metrics_log = train_lib.MetricsLog(workdir, STAGE)
   metrics_log.write(int(state.step), 'test', summary)
   metrics_log.close()

@@ -19,6 +19,7 @@ class SummariseTest(absltest.TestCase):
     }
     out = evaluate.summarise(per_image, num_dims=784, is_8bit=True)
     self.assertEqual(out['iwae_samples'], 8)
+    self.assertEqual(out['test_images'], 40)
     self.assertEqual(out['nll_iwae'], out['nll_iwae_8'])
     for name, values in per_image.items():
       self.assertAlmostEqual(out[name], values.mean())
