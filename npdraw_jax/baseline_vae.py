@@ -25,7 +25,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
 
 from npdraw_jax import (
@@ -33,6 +32,7 @@ from npdraw_jax import (
   distributions,
   evaluate,
   input_pipeline,
+  losses,
   pipeline,
   sharding,
   train_lib,
@@ -177,29 +177,14 @@ def iwae_bounds(
   sample_counts: tuple[int, ...],
   chunk_size: int,
 ) -> dict[str, jax.Array]:
-  """Per-image NLL bounds in nats at several S, chunk_size samples at a time.
-
-  The bound at S uses the first S of max(sample_counts) samples of q.
-
-  Returns:
-    f'nll_iwae_{S}' [B] for each S: -logmeanexp_{s <= S} w_s;
-    'elbo' [B]: -mean_s w_s over all samples (the single-sample bound).
-  """
-  counts = tuple(sorted(set(sample_counts)))
-  num_samples = counts[-1]
-  if num_samples % chunk_size:
-    raise ValueError(
-      f'The largest of eval.iwae_samples, {num_samples}, must be a multiple of '
-      f'eval.chunk_size {chunk_size}.'
-    )
+  """Per-image bounds on -log p(x) in nats at each S (losses.importance_weighted_bounds)."""
   (mean, log_var), _ = _encode(model, variables, images, train=False)
-  keys = jax.random.split(key, num_samples // chunk_size)
-  chunks = jax.lax.map(
-    lambda k: log_importance_weights(model, variables, images, mean, log_var, k, chunk_size), keys
+  return losses.importance_weighted_bounds(
+    lambda k, n: log_importance_weights(model, variables, images, mean, log_var, k, n),
+    key,
+    sample_counts,
+    chunk_size,
   )
-  log_w = chunks.reshape(num_samples, images.shape[0])
-  bounds = {f'nll_iwae_{s}': math.log(s) - jax.nn.logsumexp(log_w[:s], axis=0) for s in counts}
-  return {**bounds, 'elbo': -jnp.mean(log_w, axis=0)}
 
 
 # --- Training -----------------------------------------------------------------------
@@ -235,14 +220,7 @@ def make_init_fn(config: ml_collections.ConfigDict, model: BaselineVAE):
   tx = train_vae.make_optimizer(config)
 
   def init_fn():
-    variables = init_variables(model, init_key)
-    return train_vae.TrainState.create(
-      apply_fn=None,
-      params=variables['params'],
-      tx=tx,
-      rng=loop_key,
-      batch_stats=variables['batch_stats'],
-    )
+    return train_vae.create_state(init_variables(model, init_key), tx, loop_key)
 
   return init_fn
 
@@ -257,9 +235,7 @@ def make_train_step(model: BaselineVAE, mesh):
       variables = {'params': params, 'batch_stats': state.batch_stats}
       return elbo_loss(model, variables, batch['image'], key)
 
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics['grad_norm'] = optax.tree.norm(grads)
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+    return train_vae.gradient_step(state, loss_fn)
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(

@@ -6,7 +6,6 @@ and take parameters explicitly. Parameters live in one dict
 """
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import chex
@@ -312,32 +311,11 @@ def iwae_bounds(
   sample_counts: tuple[int, ...],
   chunk_size: int,
 ) -> dict[str, jax.Array]:
-  """Per-image NLL bounds in nats at several S, chunk_size samples at a time.
-
-  One pass draws max(sample_counts) hard samples; the bound at S uses the first
-  S of them, so every S costs no more than the largest (the estimates at
-  different S are correlated, each is a valid bound).
-
-  Returns:
-    f'nll_iwae_{S}' [B] for each S: -logmeanexp_{s <= S} w_s, the
-      importance-weighted bound on -log p(x);
-    'elbo' [B]: -mean_s w_s over all samples, the single-sample bound on
-      -log p(x) averaged over s.
-  """
-  counts = tuple(sorted(set(sample_counts)))
-  num_samples = counts[-1]
-  if counts[0] < 1:
-    raise ValueError(f'eval.iwae_samples must be positive, got {sample_counts}.')
-  if num_samples % chunk_size:
-    raise ValueError(
-      f'The largest of eval.iwae_samples, {num_samples}, must be a multiple of '
-      f'eval.chunk_size {chunk_size}.'
-    )
+  """Per-image bounds on -log p(x) in nats at each S (losses.importance_weighted_bounds)."""
   q, _ = encode(model, variables, images, train=False)
-  keys = jax.random.split(key, num_samples // chunk_size)
-  chunks = jax.lax.map(
-    lambda k: log_importance_weights(model, variables, bank, q, images, k, chunk_size), keys
+  return losses.importance_weighted_bounds(
+    lambda k, n: log_importance_weights(model, variables, bank, q, images, k, n),
+    key,
+    sample_counts,
+    chunk_size,
   )
-  log_w = chunks.reshape(num_samples, images.shape[0])
-  bounds = {f'nll_iwae_{s}': math.log(s) - jax.nn.logsumexp(log_w[:s], axis=0) for s in counts}
-  return {**bounds, 'elbo': -jnp.mean(log_w, axis=0)}

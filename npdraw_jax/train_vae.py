@@ -101,6 +101,24 @@ class ParseLookup:
     return {k: v[rows] for k, v in self.sequences.items()}
 
 
+def create_state(variables: dict, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """A fresh state holding `variables` ({'params', 'batch_stats'})."""
+  return TrainState.create(
+    apply_fn=None,
+    params=variables['params'],
+    tx=tx,
+    rng=rng,
+    batch_stats=variables['batch_stats'],
+  )
+
+
+def gradient_step(state: TrainState, loss_fn) -> tuple[TrainState, dict]:
+  """One optimizer step on loss_fn(params) -> (loss, (metrics, new batch_stats))."""
+  (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics['grad_norm'] = optax.tree.norm(grads)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+
 def make_train_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh, steps_per_epoch):
   """The jitted stage-2 step (state, bank, batch) -> (state, metrics)."""
   v = config.vae
@@ -118,10 +136,7 @@ def make_train_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mes
       variables = {'params': params, 'batch_stats': state.batch_stats}
       return npdraw.stage2_loss(model, variables, bank, batch, key, tau, rho, weights)
 
-    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics['grad_norm'] = optax.tree.norm(grads)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return state, metrics
+    return gradient_step(state, loss_fn)
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(
@@ -138,14 +153,7 @@ def make_init_fn(config, model: npdraw.NPDraw, prior_params):
   tx = make_optimizer(config)
 
   def init_fn():
-    variables = npdraw.init_variables(model, init_key, prior_params)
-    return TrainState.create(
-      apply_fn=None,
-      params=variables['params'],
-      tx=tx,
-      rng=loop_key,
-      batch_stats=variables['batch_stats'],
-    )
+    return create_state(npdraw.init_variables(model, init_key, prior_params), tx, loop_key)
 
   return init_fn
 
