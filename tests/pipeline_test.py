@@ -8,6 +8,7 @@ import tempfile
 
 import numpy as np
 from absl.testing import absltest
+from PIL import Image
 
 import references
 from configs import tiny
@@ -32,7 +33,15 @@ class StagesTest(absltest.TestCase):
       self.assertEqual(f['counts'].shape, (16,))
       self.assertEqual(int(f['counts'].sum()), int(f['num_patches']))
       self.assertTrue(0 <= f['parts'].min() and f['parts'].max() <= 1)
-    self.assertTrue(os.path.exists(os.path.join(self.workdir, 'partbank.png')))
+      # Most used first, and so drawn in the picture: 4 x 4 cells of 4 px
+      # (1 px borders), each pixel 8 x 8.
+      self.assertTrue(np.all(np.diff(f['counts']) <= 0))
+      parts = f['parts']
+    with Image.open(os.path.join(self.workdir, 'partbank.png')) as im:
+      self.assertEqual(im.size, (168, 168))
+      picture = np.asarray(im)
+    first_cell = picture[8 : 8 + 32 : 8, 8 : 8 + 32 : 8]
+    np.testing.assert_array_equal(first_cell, np.round(parts[0, ..., 0] * 255))
 
   def test_parses_artifact_matches_a_numpy_rendering(self):
     bank = np.load(os.path.join(self.workdir, 'partbank.npz'))['parts']
