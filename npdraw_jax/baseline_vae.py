@@ -251,7 +251,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   local_batch = sharding.check_batch_size(config.vae.batch_size, 'vae.batch_size')
   mesh = sharding.make_mesh()
   train = input_pipeline.load_split(config.data, 'train', jax.process_index(), jax.process_count())
-  num_steps = train_vae.num_train_steps(config, train.num_examples * jax.process_count())
+  num_train = train.num_examples * jax.process_count()
+  num_steps = train_vae.num_train_steps(config, num_train)
   model = make_model(config)
   checkpoints = open_checkpoints(config, workdir)
   state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model), mesh)
@@ -262,29 +263,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     return sharding.to_global({'image': batch['image']}, mesh)
 
   metrics_log = train_lib.MetricsLog(workdir, STAGE)
-  if int(state.step) >= num_steps:
-    logging.info('Stage %s: already trained to step %d; skipping.', STAGE, int(state.step))
-  else:
-    logging.info(
-      'Stage %s: %d steps of %d images from %d training images, from step %d.',
-      STAGE,
-      num_steps,
-      config.vae.batch_size,
-      train.num_examples * jax.process_count(),
-      int(state.step),
-    )
-    state = train_lib.train_loop(
-      stage=STAGE,
-      state=state,
-      train_step=train_step,
-      batch_at=batch_at,
-      num_steps=num_steps,
-      checkpoints=checkpoints,
-      metrics_log=metrics_log,
-      log_every=config.vae.log_every,
-      eval_every=0,
-      evaluate=None,
-    )
+  state = train_lib.train_loop(
+    stage=STAGE,
+    state=state,
+    train_step=train_step,
+    batch_at=batch_at,
+    num_steps=num_steps,
+    checkpoints=checkpoints,
+    metrics_log=metrics_log,
+    log_every=config.vae.log_every,
+    eval_every=0,
+    description=f'{config.vae.batch_size} images per step, {num_train:,} training images',
+    evaluate=None,
+  )
   checkpoints.close()
   metrics_log.close()
   return state

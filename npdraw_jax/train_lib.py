@@ -104,14 +104,21 @@ def train_loop(
   log_every: int,
   eval_every: int,
   evaluate: Callable[[TrainState], dict[str, float]],
+  description: str,
 ) -> TrainState:
   """Runs train_step from state.step to num_steps with logging, evals, checkpoints.
 
   train_step(state, batch) -> (state, metrics); batch_at(step) gives the
   (global) batch of a step, so a resumed run sees the data it would have.
   Metrics are fetched from the device only at log, eval and checkpoint steps.
+  `description` (what is trained, on what) is logged when steps remain; a
+  state already at num_steps is returned as it is.
   """
   start = int(jax.device_get(state.step))
+  if start >= num_steps:
+    logging.info('Stage %s: already trained to step %d; skipping.', stage, start)
+    return state
+  logging.info('Stage %s: steps %d -> %d, %s.', stage, start, num_steps, description)
   bar = tqdm(total=num_steps, initial=start, desc=stage, unit='step', dynamic_ncols=True)
   for step in range(start, num_steps):
     state, metrics = train_step(state, batch_at(step))

@@ -229,28 +229,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       'Stage %s: a history-free prior scores %.3f nats on the test parses.', STAGE, baseline
     )
     metrics_log.write(0, 'test', {'nll_history_free': baseline})
-  if int(state.step) >= p.train_steps:
-    logging.info('Stage %s: already trained to step %d; skipping.', STAGE, int(state.step))
-  else:
-    logging.info(
-      'Stage %s: %d parameters, training steps %d -> %d.',
-      STAGE,
-      sum(x.size for x in jax.tree.leaves(state.params)),
-      int(state.step),
-      p.train_steps,
-    )
-    state = train_lib.train_loop(
-      stage=STAGE,
-      state=state,
-      train_step=lambda s, b: train_step(s, bank, b),
-      batch_at=batch_at,
-      num_steps=p.train_steps,
-      checkpoints=checkpoints,
-      metrics_log=metrics_log,
-      log_every=p.log_every,
-      eval_every=p.eval_every,
-      evaluate=evaluate,
-    )
+  state = train_lib.train_loop(
+    stage=STAGE,
+    state=state,
+    train_step=lambda s, b: train_step(s, bank, b),
+    batch_at=batch_at,
+    num_steps=p.train_steps,
+    checkpoints=checkpoints,
+    metrics_log=metrics_log,
+    log_every=p.log_every,
+    eval_every=p.eval_every,
+    description=f'{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters',
+    evaluate=evaluate,
+  )
   checkpoints.close()
   metrics_log.close()
   if jax.process_index() == 0:

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from npdraw_jax import (
   checkpointing,
@@ -196,29 +195,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return sharding.to_global(batch, mesh)
 
   metrics_log = train_lib.MetricsLog(workdir, STAGE)
-  if int(state.step) >= num_steps:
-    logging.info('Stage %s: already trained to step %d; skipping.', STAGE, int(state.step))
-  else:
-    logging.info(
-      'Stage %s: %d steps of %d images (%d steps per epoch), from step %d.',
-      STAGE,
-      num_steps,
-      v.batch_size,
-      steps_per_epoch,
-      int(state.step),
-    )
-    state = train_lib.train_loop(
-      stage=STAGE,
-      state=state,
-      train_step=lambda s, b: train_step(s, bank, b),
-      batch_at=batch_at,
-      num_steps=num_steps,
-      checkpoints=checkpoints,
-      metrics_log=metrics_log,
-      log_every=v.log_every,
-      eval_every=0,
-      evaluate=None,
-    )
+  state = train_lib.train_loop(
+    stage=STAGE,
+    state=state,
+    train_step=lambda s, b: train_step(s, bank, b),
+    batch_at=batch_at,
+    num_steps=num_steps,
+    checkpoints=checkpoints,
+    metrics_log=metrics_log,
+    log_every=v.log_every,
+    eval_every=0,
+    description=f'{v.batch_size} images per step, {steps_per_epoch} steps per epoch',
+    evaluate=None,
+  )
   checkpoints.close()
   metrics_log.close()
   return state
