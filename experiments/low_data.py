@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 import configs
 from experiments import launch
-from npdraw_jax import baseline_vae, input_pipeline, train_vae
+from npdraw_jax import artifacts, baseline_vae, input_pipeline, train_vae
 
 RESULTS_FILE = 'results.json'
 TABLE_FILE = 'low_data.md'
@@ -111,10 +111,7 @@ def run_method(method: str, config: ml_collections.ConfigDict, directory: str) -
     'config': wanted,
   }
   if jax.process_index() == 0:
-    tmp = f'{path}.tmp'  # Written whole or not at all: its presence means done.
-    with open(tmp, 'w') as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    artifacts.save_json(path, record)  # Whole or not at all: its presence means done.
   return record
 
 

@@ -11,13 +11,23 @@ import numpy as np
 from absl import logging
 
 
-def save_npz(path: str, **arrays) -> None:
-  """Writes arrays to path via a temporary file, so a crash leaves no half file."""
+def _write_atomically(path: str, mode: str, write) -> None:
+  """write(file) into a temporary file renamed to path, so a crash leaves no half file."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp'
-  with open(tmp, 'wb') as f:
-    np.savez(f, **arrays)
+  with open(tmp, mode) as f:
+    write(f)
   os.replace(tmp, path)
+
+
+def save_npz(path: str, **arrays) -> None:
+  """Writes arrays to path atomically."""
+  _write_atomically(path, 'wb', lambda f: np.savez(f, **arrays))
+
+
+def save_json(path: str, record: dict) -> None:
+  """Writes a JSON record to path atomically (indented, keys sorted)."""
+  _write_atomically(path, 'w', lambda f: json.dump(record, f, indent=2, sort_keys=True))
 
 
 def to_json(settings: dict) -> str:
