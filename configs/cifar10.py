@@ -23,10 +23,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.T = 64
   config.model.likelihood = 'mixture_logistic'
   config.model.encoder_head = 'fcn'
-  config.model.encoder_features = 128
-  config.model.decoder_features = 128
   config.parse.threshold = 0.0  # Colour images: draw at every location.
+  config.prior.lr = 1e-3
   config.vae.batch_size = 150
+  config.vae.epochs = 500
+  config.vae.teacher_forcing_decay = 0.01
   config.vae.lambda_sup = 500.0
   config.eval.batch_size = 150
+  config.eval.fid_binarize = False
   return config

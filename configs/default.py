@@ -32,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # stage sees it; the test split is untouched.
   config.data.train_fraction = 1.0
   config.data.train_subset_seed = 0
+  # Training images held out of every stage for model selection (reference
+  # 1,000): the VAE stage's held-out bound picks its best checkpoint. 0: off.
+  config.data.holdout_size = 1000
   config.data.image_size = 28  # Side of the (square) modelled image.
   config.data.canvas_size = 28  # Side of the latent canvas; image or image / 2.
   config.data.channels = 1  # 1 (grey, binary) or 3 (RGB).
@@ -59,9 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Output likelihood: 'bernoulli' | 'logistic' | 'mixture_logistic'.
   config.model.likelihood = 'bernoulli'
   config.model.num_mixtures = 10  # Components of 'mixture_logistic'.
+  # Encoder, decoder and prior family: 'authors' (the reference networks of
+  # spec section 11) | 'ours' (this project's earlier, wider nets).
+  config.model.networks = 'authors'
   config.model.encoder_head = 'mlp'  # 'mlp' (MNIST, Omniglot) | 'fcn' (CIFAR, CelebA).
-  config.model.encoder_features = 64  # Channels of the encoder CNN.
-  config.model.decoder_features = 64  # Channels of the decoder CNN.
+  config.model.encoder_features = 128  # Channels of the encoder CNN (reference 128).
+  config.model.decoder_features = 128  # Channels of the decoder CNN (reference 128).
   # Activations and matmuls of the encoder, decoder and prior: 'float32' or
   # 'bfloat16' (for GPUs/TPUs); parameters, latents and losses stay float32.
   config.model.compute_dtype = 'float32'
@@ -76,14 +82,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- Stage 1: Transformer prior (spec section 4) -------------------------------
   config.prior = ml_collections.ConfigDict()
-  config.prior.token_features = 32  # Channels of the canvas-token CNN.
-  config.prior.d_model = 256
-  config.prior.num_layers = 4
-  config.prior.num_heads = 4
-  config.prior.mlp_ratio = 4
-  config.prior.dropout = 0.1
-  config.prior.batch_size = 256
-  config.prior.lr = 3e-4
+  # Reference (section 11): width 64, 8 layers, 16 heads of 64, MLP 2048.
+  config.prior.token_features = 16  # Channels of the canvas-token CNN.
+  config.prior.d_model = 64
+  config.prior.num_layers = 8
+  config.prior.num_heads = 16
+  config.prior.head_dim = 64  # Per attention head; 0: d_model // num_heads.
+  config.prior.mlp_dim = 2048  # Hidden width of each block's MLP.
+  config.prior.dropout = 0.1  # Attention output, MLP and (authors') embeddings.
+  config.prior.batch_size = 64
+  config.prior.lr = 1e-4  # Reference MNIST 1e-4, colour 1e-3.
   config.prior.warmup_steps = 500
   config.prior.train_steps = 20_000
   config.prior.log_every = 100
@@ -100,18 +108,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.vae.lr = 1e-3  # Encoder; the decoder trains at 0.1 * lr (reference).
   config.vae.beta = 1.0  # KL weight (reference MNIST 1).
   config.vae.lambda_sup = 50.0  # Parse supervision weight (reference MNIST 50).
-  config.vae.epochs = 100  # Sets the epoch-based schedules' time scale.
-  config.vae.train_steps = 20_000
+  config.vae.epochs = 661  # Training length (reference MNIST 661, colour 500).
+  config.vae.train_steps = 0  # > 0: train this many steps instead of vae.epochs.
   config.vae.tau0 = 1.0  # Gumbel temperature max(tau_min, tau0 exp(-rate epoch)).
   config.vae.tau_min = 0.5
-  config.vae.tau_rate = 0.0139
-  config.vae.teacher_forcing_decay = 0.005  # rho = exp(-decay * epoch).
+  config.vae.tau_rate = 0.013862944  # Reference ln 2 / 50.
+  # Parse teacher forcing: per example, with probability rho the parse's where
+  # and what replace q's samples. 'cumulative' (reference): rho_e =
+  # exp(-d e (e + 1) / 2); 'exponential': rho_e = exp(-d e). d: the decay.
+  config.vae.teacher_forcing = 'cumulative'
+  config.vae.teacher_forcing_decay = 0.005  # Reference MNIST 0.005, colour 0.01.
+  config.vae.teacher_forcing_pres = False  # Also force pres (reference: keep q's).
+  # The KL's gradient reaches q's samples through the history the frozen prior
+  # reads (reference True; False is cheaper).
+  config.vae.kl_through_history = True
+  config.vae.prior_dropout = True  # The frozen prior runs with dropout (reference).
+  # Reconstruction gradient of `where`: 'none' (reference: the authors'
+  # renderer has zero derivative) | 'straight_through'.
+  config.vae.where_gradient = 'none'
   config.vae.what_straight_through = False  # Reference: soft Gumbel-softmax.
   config.vae.pres_relaxed = False  # Reference: hard Bernoulli draw.
   config.vae.finetune_prior = False  # Reference: the prior is frozen.
   config.vae.log_every = 100
   config.vae.checkpoint_every = 1000
   config.vae.keep_checkpoints = 3
+  # With data.holdout_size > 0: the importance-weighted bound with this many
+  # samples on the held-out images every checkpoint_every steps; the best
+  # checkpoint is kept beside the last and the eval stage uses it.
+  config.vae.holdout_iwae_samples = 10
 
   # --- Baseline of the low-data study (spec section 9) -------------------------
   # A plain VAE with NP-DRAW's nets, likelihood, and stage-2 optimizer, batch
@@ -131,4 +155,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (README, "FID"); empty: FID skipped.
   config.eval.fid_weights = ''
   config.eval.fid_samples = 10_000  # Prior samples compared with the test split.
+  # The authors' FID protocol for binary data: Bernoulli-binarise both the
+  # decoded samples and the test images before the Inception network.
+  config.eval.fid_binarize = True
+  # The authors' NLL estimate, logged as nll_authors_{S}: -logmeanexp over S
+  # hard samples of log p(x | z) - KL_analytic. Not a bound. 0: off.
+  config.eval.authors_samples = 50
   return config

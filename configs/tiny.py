@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prior.d_model = 32
   config.prior.num_layers = 2
   config.prior.num_heads = 2
-  config.prior.mlp_ratio = 2
+  config.prior.head_dim = 8
+  config.prior.mlp_dim = 64
   config.prior.batch_size = 32
   config.prior.warmup_steps = 5
   config.prior.train_steps = 20
@@ -38,14 +39,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prior.eval_every = 10
   config.prior.checkpoint_every = 10
   config.prior.num_samples = 4
+  config.data.holdout_size = 64
   config.vae.batch_size = 32
   config.vae.train_steps = 20
+  config.vae.holdout_iwae_samples = 2
   config.vae.log_every = 5
   config.vae.checkpoint_every = 10
   config.eval.batch_size = 64
   config.eval.iwae_samples = (1, 4)
   config.eval.chunk_size = 2
   config.eval.num_pictures = 8
+  config.eval.authors_samples = 4
   if arg == 'celeba':
     _shrink_celeba(config)
   return config
