@@ -19,11 +19,19 @@ def setUpModule():
 
 
 class ConvTransposeTest(parameterized.TestCase):
-  @parameterized.parameters((4, 2), (3, 2), (5, 2), (2, 2), (4, 3), (3, 1))
-  def test_values_and_gradients_equal_flax(self, kernel, stride):
+  @parameterized.parameters(
+    (4, 2, False),
+    (3, 2, False),
+    (5, 2, False),
+    (2, 2, False),
+    (4, 3, False),
+    (3, 1, False),
+    (2, 2, True),
+  )
+  def test_values_and_gradients_equal_flax(self, kernel, stride, use_bias):
     x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
-    flax_layer = nn.ConvTranspose(4, (kernel, kernel), strides=(stride, stride), use_bias=False)
-    ours = layers.ConvTranspose(4, kernel, stride)
+    flax_layer = nn.ConvTranspose(4, (kernel, kernel), strides=(stride, stride), use_bias=use_bias)
+    ours = layers.ConvTranspose(4, kernel, stride, use_bias)
     params = ours.init(jax.random.key(1), x)
     # Same parameter tree and initial values, so checkpoints carry over.
     chex.assert_trees_all_equal(params, flax_layer.init(jax.random.key(1), x))

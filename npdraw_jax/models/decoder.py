@@ -2,7 +2,9 @@
 
 Two stride-2 ConvBN layers, two residual blocks, two stride-2 transposed
 ConvBN layers, one more when the image is twice the canvas (CelebA), then a
-3x3 convolution to the likelihood's parameter channels.
+3x3 convolution to the likelihood's parameter channels. Decoder is this
+project's own ('ours'), AuthorsDecoder the authors' exact network (spec
+section 11, 'authors').
 """
 
 from typing import Any
@@ -13,6 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from npdraw_jax.models import layers
+
+
+def _check_upsample(upsample: int) -> None:
+  if upsample not in (1, 2):
+    raise ValueError(f'The image must be 1 or 2 times the canvas, got {upsample}.')
 
 
 class Decoder(nn.Module):
@@ -29,8 +36,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, canvas: jax.Array, train: bool) -> jax.Array:
     chex.assert_rank(canvas, 4)
-    if self.upsample not in (1, 2):
-      raise ValueError(f'The image must be 1 or 2 times the canvas, got {self.upsample}.')
+    _check_upsample(self.upsample)
     _, h, w, _ = canvas.shape
     x = layers.DownBody(self.features, dtype=self.dtype)(canvas, train)
     x = layers.ConvBN(2 * self.features, transpose=True, dtype=self.dtype)(x, train)
@@ -40,4 +46,47 @@ class Decoder(nn.Module):
     # The likelihood is evaluated in float32.
     out = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(x).astype(jnp.float32)
     chex.assert_shape(out, (canvas.shape[0], h * self.upsample, w * self.upsample, None))
+    return out
+
+
+class AuthorsDecoder(nn.Module):
+  """The authors' decoder (spec section 11): canvas [B, Hc, Wc, C] -> [B, H, W, out_channels].
+
+  Two conv4x4 stride 2 + BN + ReLU, two A-Res blocks, two transposed conv4x4
+  stride 2 + BN + ReLU; when the image is twice the canvas, a transposed
+  conv2x2 stride 2 + BN + ReLU and a conv1x1 (no activation); then a conv1x1
+  to the likelihood's channels. Computes in `dtype` (parameters stay
+  float32); the output is float32.
+  """
+
+  features: int
+  out_channels: int
+  upsample: int = 1  # Image side / canvas side: 1 or 2.
+  output_bias: bool = True  # The authors' mixture-of-logistics head has none.
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, canvas: jax.Array, train: bool) -> jax.Array:
+    chex.assert_rank(canvas, 4)
+    _check_upsample(self.upsample)
+    f, dtype = self.features, self.dtype
+    x = canvas
+    for _ in range(2):
+      x = layers.TorchConvBN(f, kernel=4, strides=2, padding=1, use_bias=False, dtype=dtype)(
+        x, train
+      )
+    for _ in range(2):
+      x = layers.AuthorsResBlock(dtype)(x, train)
+    for _ in range(2):
+      x = layers.TorchConvBN(
+        f, kernel=4, strides=2, padding=1, use_bias=False, transpose=True, dtype=dtype
+      )(x, train)
+    if self.upsample == 2:
+      x = layers.TorchConvBN(f, kernel=2, strides=2, transpose=True, dtype=dtype)(x, train)
+      x = nn.Conv(f, (1, 1), dtype=dtype)(x)
+    # The likelihood is evaluated in float32.
+    out = nn.Conv(self.out_channels, (1, 1), use_bias=self.output_bias, dtype=dtype)(x)
+    out = out.astype(jnp.float32)
+    batch, h, w, _ = canvas.shape
+    chex.assert_shape(out, (batch, h * self.upsample, w * self.upsample, self.out_channels))
     return out

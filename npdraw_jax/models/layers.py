@@ -1,5 +1,9 @@
 """Convolutional building blocks shared by the encoder and the decoder.
 
+ConvBN, ResBlock and DownBody make this project's own nets ('ours');
+TorchConvBN and AuthorsResBlock the authors' (spec section 11), with
+PyTorch's paddings and batch-norm defaults.
+
 Every block takes a compute `dtype`: activations and matrix multiplies run in
 it, parameters stay float32 and batch statistics are reduced in float32.
 """
@@ -12,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+NETWORKS = ('authors', 'ours')
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -19,6 +24,13 @@ def compute_dtype(name: str) -> jnp.dtype:
   if name not in COMPUTE_DTYPES:
     raise ValueError(f'model.compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}.')
   return jnp.dtype(name)
+
+
+def check_networks(name: str) -> str:
+  """config.model.networks, checked: 'authors' (spec section 11) or 'ours'."""
+  if name not in NETWORKS:
+    raise ValueError(f'model.networks must be one of {NETWORKS}, got {name!r}.')
+  return name
 
 
 def _phase(kernel: int, stride: int, phase: int) -> tuple[int, tuple[int, int]]:
@@ -74,22 +86,27 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 
 class ConvTranspose(nn.Module):
-  """nn.ConvTranspose(features, (k, k), strides=(s, s), use_bias=False), computed by phases.
+  """nn.ConvTranspose(features, (k, k), strides=(s, s), use_bias=...), computed by phases.
 
-  Same parameter (name, shape, initialiser) and outputs as flax's layer; see
-  conv_transpose for why.
+  Same parameters (names, shapes, initialisers) and outputs as flax's layer;
+  see conv_transpose for why.
   """
 
   features: int
   kernel: int
   strides: int
+  use_bias: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (self.kernel, self.kernel, x.shape[-1], self.features)
     kernel = self.param('kernel', nn.initializers.lecun_normal(), shape, jnp.float32)
-    return conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+    y = conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class ConvBN(nn.Module):
@@ -142,3 +159,69 @@ class DownBody(nn.Module):
     for _ in range(self.num_blocks):
       x = ResBlock(self.dtype)(x, train)
     return x
+
+
+# --- The authors' blocks (spec section 11), in PyTorch's conventions ---------
+
+
+def torch_batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
+  """BatchNorm2d's defaults: PyTorch's momentum 0.1 is flax's 0.9 (weight of the old average)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+
+
+class TorchConvBN(nn.Module):
+  """PyTorch's Conv2d(k, stride, padding) or ConvTranspose2d, then batch norm and maybe ReLU.
+
+  A transposed convolution must map H to strides * H (2 * padding = kernel -
+  strides, as 4x4 stride 2 padding 1); it then equals a 'SAME' one whose
+  kernel is PyTorch's flipped in both spatial axes. use_bias defaults to
+  PyTorch's True: redundant before batch norm, but kept where the authors
+  have it so the parameters match theirs.
+  """
+
+  features: int
+  kernel: int
+  strides: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  transpose: bool = False
+  relu: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.transpose:
+      if 2 * self.padding != self.kernel - self.strides:
+        raise ValueError(
+          f'A transposed {self.kernel}x{self.kernel} conv of stride {self.strides} needs '
+          f'padding {(self.kernel - self.strides) / 2} to scale by its stride, got {self.padding}.'
+        )
+      x = ConvTranspose(self.features, self.kernel, self.strides, self.use_bias, self.dtype)(x)
+    else:
+      x = nn.Conv(
+        self.features,
+        (self.kernel, self.kernel),
+        strides=(self.strides, self.strides),
+        padding=((self.padding, self.padding),) * 2,
+        use_bias=self.use_bias,
+        dtype=self.dtype,
+      )(x)
+    x = torch_batch_norm(train, self.dtype)(x)
+    return nn.relu(x) if self.relu else x
+
+
+class AuthorsResBlock(nn.Module):
+  """A-Res: x' = ReLU(x); x' + BN(conv1x1(ReLU(BN(conv3x3(x'))))), convs without bias.
+
+  The input's ReLU is part of the block and there is none after the sum.
+  """
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    x = nn.relu(x)
+    y = TorchConvBN(features, kernel=3, padding=1, use_bias=False, dtype=self.dtype)(x, train)
+    y = TorchConvBN(features, kernel=1, use_bias=False, relu=False, dtype=self.dtype)(y, train)
+    return x + y
