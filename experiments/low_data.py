@@ -7,10 +7,11 @@ fractions of the training split, compared by their test NLL bound.
 For each fraction f (data.train_fraction = f: one seeded subset, seen by every
 stage; the test split is whole):
 - NP-DRAW runs the stages bank, parse, prior, vae and eval in DIR/npdraw/fraction_f;
-- the baseline VAE (npdraw_jax.baseline_vae) trains and is evaluated in
-  DIR/vae/fraction_f, with the step budget of NP-DRAW's stage 2 (vae.train_steps
-  steps of vae.batch_size images, same optimizer). NP-DRAW's prior trains on
-  the parses for prior.train_steps more steps; the table states both.
+- the baseline VAE (npdraw_jax.baseline_vae: the flax examples' MLP VAE with
+  its own optimizer) trains and is evaluated in DIR/vae/fraction_f, for
+  baseline.train_steps steps of baseline.batch_size images. NP-DRAW's stage 2
+  trains for vae.train_steps steps and its prior on the parses for
+  prior.train_steps more; the table states all three.
 Each run ends by writing results.json (its summary and configuration); a run
 whose results.json holds the current configuration is skipped, and an
 interrupted one resumes from its artifacts and checkpoints. Finally
@@ -101,11 +102,15 @@ def run_method(method: str, config: ml_collections.ConfigDict, directory: str) -
   os.makedirs(directory, exist_ok=True)
   summary = _RUNNERS[method](config, directory)
   train_examples = input_pipeline.load_split(config.data, 'train').num_examples
+  if method == 'vae':
+    train_steps = config.baseline.train_steps
+  else:
+    train_steps = train_vae.num_train_steps(config, train_examples)
   record = {
     'method': method,
     'fraction': config.data.train_fraction,
     'train_examples': train_examples,
-    'train_steps': train_vae.num_train_steps(config, train_examples),
+    'train_steps': train_steps,
     'seconds': time.perf_counter() - start,
     'summary': summary,
     'config': wanted,
@@ -128,12 +133,13 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict[str, dict]])
     f'Test `nll_iwae` in nats: the importance-weighted bound on -log p(x) with '
     f'S = {first["summary"]["iwae_samples"]} samples, mean ± standard error over the '
     'test split (lower is better). Both models train on the same subset of the '
-    f'training split for {first["train_steps"]} steps of {config.vae.batch_size} '
-    "images with the same optimizer (NP-DRAW's stage 2, the VAE's only stage); "
-    f'NP-DRAW also trains its prior on the parses for {config.prior.train_steps} '
-    'steps (stage 1), outside that budget. VAE: Gaussian latents of '
-    f"{config.baseline.latent_dim} dimensions, NP-DRAW's encoder body, decoder and "
-    'likelihood.',
+    f'training split: NP-DRAW its encoder and decoder for {first["train_steps"]} steps '
+    f'of {config.vae.batch_size} images (stage 2), after its prior on the parses for '
+    f'{config.prior.train_steps} steps (stage 1); the VAE for '
+    f'{rows[0]["vae"]["train_steps"]} steps of {config.baseline.batch_size} images with '
+    f"Adam at {config.baseline.lr:g}. VAE: the flax examples' MLP VAE, one hidden layer "
+    f'of {config.baseline.hidden} ReLU units each way, Gaussian latents of '
+    f'{config.baseline.latent_dim} dimensions, the same pixel likelihood.',
     '',
     f'| fraction | training images | {METHODS["npdraw"]} nll_iwae | {METHODS["vae"]} nll_iwae |',
     '|---:|---:|---:|---:|',

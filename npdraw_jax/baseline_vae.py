@@ -1,9 +1,10 @@
 """A plain VAE, the baseline of the low-data study (spec section 9).
 
-Gaussian latents z ~ N(0, I) of baseline.latent_dim dimensions; everything
-else as NP-DRAW's stage 2: the encoder's CNN body, the decoder (fed a
-canvas-shaped linear map of z), the pixel likelihood, the optimizer
-(train_vae.make_optimizer), the batch size and the number of steps.
+The flax examples' MNIST VAE: Gaussian latents z ~ N(0, I) of
+baseline.latent_dim dimensions, an encoder and a decoder of one hidden layer
+of baseline.hidden ReLU units each, the project's pixel likelihood
+(model.likelihood: Bernoulli for binarised digits), and its own optimizer:
+Adam at baseline.lr on batches of baseline.batch_size for baseline.train_steps.
 
   train_and_evaluate(config, workdir)
 
@@ -25,6 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import logging
 
 from npdraw_jax import (
@@ -36,7 +38,6 @@ from npdraw_jax import (
   pipeline,
   sharding,
   train_lib,
-  train_vae,
 )
 from npdraw_jax.models import gaussian_vae
 
@@ -58,19 +59,15 @@ class BaselineVAE:
 
 
 def make_model(config: ml_collections.ConfigDict) -> BaselineVAE:
-  """The baseline with NP-DRAW's net sizes and likelihood from the configuration."""
-  m, data = config.model, config.data
-  if data.image_size % data.canvas_size:
-    raise ValueError('data.image_size must be 1 or 2 times data.canvas_size.')
-  latent_dim = config.baseline.latent_dim
+  """The baseline with its sizes (baseline.*) and the configured likelihood."""
+  m, data, b = config.model, config.data, config.baseline
   net = gaussian_vae.GaussianVAE(
-    encoder=gaussian_vae.GaussianEncoder(latent_dim=latent_dim, features=m.encoder_features),
-    decoder=gaussian_vae.LatentDecoder(
-      canvas_size=data.canvas_size,
-      channels=data.channels,
-      features=m.decoder_features,
+    encoder=gaussian_vae.MlpEncoder(hidden=b.hidden, latent_dim=b.latent_dim),
+    decoder=gaussian_vae.MlpDecoder(
+      hidden=b.hidden,
+      height=data.image_size,
+      width=data.image_size,
       out_channels=distributions.num_outputs(m.likelihood, data.channels, m.num_mixtures),
-      upsample=data.image_size // data.canvas_size,
     ),
   )
   return BaselineVAE(
@@ -79,14 +76,14 @@ def make_model(config: ml_collections.ConfigDict) -> BaselineVAE:
     num_mixtures=m.num_mixtures,
     image_size=data.image_size,
     channels=data.channels,
-    latent_dim=latent_dim,
+    latent_dim=b.latent_dim,
   )
 
 
 def init_variables(model: BaselineVAE, key: jax.Array) -> dict:
-  """Fresh {'params': {encoder, decoder}, 'batch_stats': {encoder, decoder}}."""
+  """Fresh {'params': {'encoder', 'decoder'}}."""
   images = jnp.zeros((1, model.image_size, model.image_size, model.channels))
-  return model.net.init(key, images, train=False)
+  return model.net.init(key, images)
 
 
 # --- Gaussian densities -------------------------------------------------------------
@@ -106,45 +103,27 @@ def standard_normal_log_prob(z: jax.Array) -> jax.Array:
 # --- Objective and bounds -------------------------------------------------------------
 
 
-def _encode(model: BaselineVAE, variables: dict, images: jax.Array, train: bool):
-  """(mean, log_var) of q(z | x), and the variables with updated statistics when training."""
-  if not train:
-    return model.net.apply(variables, images, train=False, method='encode'), variables
-  out, updates = model.net.apply(
-    variables, images, train=True, method='encode', mutable=['batch_stats']
-  )
-  return out, {**variables, **updates}
-
-
-def _decode(model: BaselineVAE, variables: dict, z: jax.Array, train: bool):
-  """Likelihood parameters of p(x | z), and the variables as _encode returns them."""
-  if not train:
-    return model.net.apply(variables, z, train=False, method='decode'), variables
-  out, updates = model.net.apply(variables, z, train=True, method='decode', mutable=['batch_stats'])
-  return out, {**variables, **updates}
-
-
-def elbo_loss(model: BaselineVAE, variables: dict, images: jax.Array, key: jax.Array):
+def elbo_loss(model: BaselineVAE, params: dict, images: jax.Array, key: jax.Array):
   """The negative ELBO, recon + analytic KL, averaged over the batch.
 
   Args:
     model: the nets.
-    variables: {'params': ..., 'batch_stats': ...}.
+    params: {'encoder': ..., 'decoder': ...}.
     images: [B, H, W, C] in [0, 1].
     key: PRNG key of the reparameterised sample.
 
   Returns:
-    (loss, (metrics, new batch_stats)).
+    (loss, metrics).
   """
   chex.assert_rank(images, 4)
-  (mean, log_var), variables = _encode(model, variables, images, train=True)
+  variables = {'params': params}
+  mean, log_var = model.net.apply(variables, images, method='encode')
   z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape)
-  out, variables = _decode(model, variables, z, train=True)
+  out = model.net.apply(variables, z, method='decode')
   recon = distributions.nll(model.likelihood, out, images, model.num_mixtures)
   kl = gaussian_kl(mean, log_var)
   loss = jnp.mean(recon + kl)
-  metrics = {'loss': loss, 'recon': jnp.mean(recon), 'kl': jnp.mean(kl)}
-  return loss, (metrics, variables['batch_stats'])
+  return loss, {'loss': loss, 'recon': jnp.mean(recon), 'kl': jnp.mean(kl)}
 
 
 def log_importance_weights(
@@ -163,7 +142,7 @@ def log_importance_weights(
   z = mean + jnp.exp(0.5 * log_var) * eps
   # log q from the standardised draw: exact, however small the variance.
   log_q = standard_normal_log_prob(eps) - 0.5 * jnp.sum(log_var, axis=-1)
-  out, _ = _decode(model, variables, z.reshape(-1, model.latent_dim), train=False)
+  out = model.net.apply(variables, z.reshape(-1, model.latent_dim), method='decode')
   repeated = jnp.broadcast_to(images, (num_samples, *images.shape)).reshape(-1, *images.shape[1:])
   log_px = -distributions.nll(model.likelihood, out, repeated, model.num_mixtures)
   return log_px.reshape(num_samples, batch) + standard_normal_log_prob(z) - log_q
@@ -178,7 +157,7 @@ def iwae_bounds(
   chunk_size: int,
 ) -> dict[str, jax.Array]:
   """Per-image bounds on -log p(x) in nats at each S (losses.importance_weighted_bounds)."""
-  (mean, log_var), _ = _encode(model, variables, images, train=False)
+  mean, log_var = model.net.apply(variables, images, method='encode')
   return losses.importance_weighted_bounds(
     lambda k, n: log_importance_weights(model, variables, images, mean, log_var, k, n),
     key,
@@ -192,23 +171,22 @@ def iwae_bounds(
 
 def checkpoint_settings(config: ml_collections.ConfigDict) -> dict:
   """What a baseline checkpoint must agree with: its data (subset included) and shapes."""
-  m = config.model
   return {
     'data': pipeline.bank_settings(config)['data'],
+    'hidden': config.baseline.hidden,
     'latent_dim': config.baseline.latent_dim,
-    'model': {
-      k: m[k] for k in ('likelihood', 'num_mixtures', 'encoder_features', 'decoder_features')
-    },
+    'likelihood': config.model.likelihood,
+    'num_mixtures': config.model.num_mixtures,
   }
 
 
 def open_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> checkpointing.Checkpoints:
-  """The baseline's checkpoints in DIR/baseline (stage 2's checkpoint intervals)."""
+  """The baseline's checkpoints in DIR/baseline."""
   return checkpointing.Checkpoints(
     os.path.join(workdir, STAGE),
     checkpoint_settings(config),
-    keep=config.vae.keep_checkpoints,
-    every=config.vae.checkpoint_every,
+    keep=config.baseline.keep_checkpoints,
+    every=config.baseline.checkpoint_every,
     config=config,
   )
 
@@ -217,10 +195,11 @@ def make_init_fn(config: ml_collections.ConfigDict, model: BaselineVAE):
   """A function creating the fresh baseline state (seeded by config.seed)."""
   # A key stream of its own (the NP-DRAW stages fold in 1 to 4).
   init_key, loop_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 5))
-  tx = train_vae.make_optimizer(config)
+  tx = optax.adam(config.baseline.lr)
 
   def init_fn():
-    return train_vae.create_state(init_variables(model, init_key), tx, loop_key)
+    params = init_variables(model, init_key)['params']
+    return train_lib.TrainState.create(apply_fn=None, params=params, tx=tx, rng=loop_key)
 
   return init_fn
 
@@ -230,12 +209,11 @@ def make_train_step(model: BaselineVAE, mesh):
 
   def train_step(state, batch):
     key = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-      variables = {'params': params, 'batch_stats': state.batch_stats}
-      return elbo_loss(model, variables, batch['image'], key)
-
-    return train_vae.gradient_step(state, loss_fn)
+    grads, metrics = jax.grad(
+      lambda params: elbo_loss(model, params, batch['image'], key), has_aux=True
+    )(state.params)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    return state.apply_gradients(grads=grads), metrics
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(
@@ -246,13 +224,13 @@ def make_train_step(model: BaselineVAE, mesh):
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_vae.TrainState:
-  """Trains (or finishes training) the baseline for stage 2's steps; returns the state."""
-  local_batch = sharding.check_batch_size(config.vae.batch_size, 'vae.batch_size')
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_lib.TrainState:
+  """Trains (or finishes training) the baseline for baseline.train_steps; returns the state."""
+  b = config.baseline
+  local_batch = sharding.check_batch_size(b.batch_size, 'baseline.batch_size')
   mesh = sharding.make_mesh()
   train = input_pipeline.load_split(config.data, 'train', jax.process_index(), jax.process_count())
   num_train = train.num_examples * jax.process_count()
-  num_steps = train_vae.num_train_steps(config, num_train)
   model = make_model(config)
   checkpoints = open_checkpoints(config, workdir)
   state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model), mesh)
@@ -268,12 +246,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     state=state,
     train_step=train_step,
     batch_at=batch_at,
-    num_steps=num_steps,
+    num_steps=b.train_steps,
     checkpoints=checkpoints,
     metrics_log=metrics_log,
-    log_every=config.vae.log_every,
+    log_every=b.log_every,
     eval_every=0,
-    description=f'{config.vae.batch_size} images per step, {num_train:,} training images',
+    description=f'{b.batch_size} images per step, {num_train:,} training images',
     evaluate=None,
   )
   checkpoints.close()
@@ -286,8 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 
 def restore_trained(config: ml_collections.ConfigDict, workdir: str, model: BaselineVAE, mesh):
   """The finished baseline's state; a clear error when it is not trained."""
-  num_train = input_pipeline.load_split(config.data, 'train').num_examples
-  wanted = train_vae.num_train_steps(config, num_train)
+  wanted = config.baseline.train_steps
   checkpoints = open_checkpoints(config, workdir)
   if (checkpoints.latest_step() or 0) < wanted:
     raise FileNotFoundError(
@@ -323,7 +300,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   mesh = sharding.make_mesh()
   model = make_model(config)
   state = restore_trained(config, workdir, model, mesh)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = {'params': state.params}
   test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
   eval_step = make_eval_step(model, config, mesh)
   summary = evaluate.test_bounds(

@@ -125,6 +125,9 @@ class StudyTest(absltest.TestCase):
     config.prior.num_samples = 2
     config.vae.train_steps = 4
     config.vae.checkpoint_every = 4
+    config.baseline.hidden = 32
+    config.baseline.batch_size = 32
+    config.baseline.train_steps = 3
     config.partbank.max_iters = 5
     config.eval.iwae_samples = (1, 2)
     config.eval.num_pictures = 2
@@ -143,7 +146,7 @@ class StudyTest(absltest.TestCase):
           record = json.load(f)
         self.assertEqual(record['fraction'], fraction)
         self.assertEqual(record['train_examples'], images)
-        self.assertEqual(record['train_steps'], 4)
+        self.assertEqual(record['train_steps'], {'npdraw': 4, 'vae': 3}[method])
         self.assertEqual(record['summary']['iwae_samples'], 2)
         self.assertAlmostEqual(record['summary']['nll_iwae'], mean, delta=0.005)
         self.assertAlmostEqual(record['summary']['nll_iwae_stderr'], stderr, delta=0.005)

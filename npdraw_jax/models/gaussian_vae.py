@@ -1,53 +1,47 @@
-"""The plain VAE of the low-data baseline: Gaussian latents, NP-DRAW's nets.
+"""The plain VAE of the low-data baseline: Gaussian latents, one-hidden-layer MLPs.
 
-The encoder is NP-DRAW's CNN body (layers.DownBody) with a dense head giving
-the mean and log-variance of q(z | x); the decoder maps z linearly to a
-canvas-shaped tensor and runs NP-DRAW's Decoder on it.
+As the flax examples' MNIST VAE: the encoder is Dense(hidden) + ReLU on the
+flattened image, then dense heads for the mean and log-variance of q(z | x);
+the decoder is Dense(hidden) + ReLU on z, then a dense layer giving the pixel
+likelihood's parameters.
 """
 
 import chex
 import flax.linen as nn
 import jax
 
-from npdraw_jax.models import decoder as decoder_lib
-from npdraw_jax.models import layers
 
-
-class GaussianEncoder(nn.Module):
+class MlpEncoder(nn.Module):
   """x [B, H, W, C] -> (mean, log_var), each [B, latent_dim]."""
 
+  hidden: int
   latent_dim: int
-  features: int
-  hidden: int = 512  # As NP-DRAW's 'mlp' head.
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     chex.assert_rank(x, 4)
     batch = x.shape[0]
-    h = layers.DownBody(self.features)(x, train)
-    h = nn.relu(nn.Dense(self.hidden)(h.reshape(batch, -1)))
-    out = nn.Dense(2 * self.latent_dim)(h)
-    chex.assert_shape(out, (batch, 2 * self.latent_dim))
-    return out[:, : self.latent_dim], out[:, self.latent_dim :]
+    h = nn.relu(nn.Dense(self.hidden, name='hidden')(x.reshape(batch, -1)))
+    mean = nn.Dense(self.latent_dim, name='mean')(h)
+    log_var = nn.Dense(self.latent_dim, name='log_var')(h)
+    chex.assert_shape([mean, log_var], (batch, self.latent_dim))
+    return mean, log_var
 
 
-class LatentDecoder(nn.Module):
-  """z [B, latent_dim] -> likelihood parameters [B, H, W, out_channels]."""
+class MlpDecoder(nn.Module):
+  """z [B, latent_dim] -> likelihood parameters [B, height, width, out_channels]."""
 
-  canvas_size: int
-  channels: int
-  features: int
-  out_channels: int
-  upsample: int = 1  # Image side / canvas side, as for NP-DRAW's decoder.
+  hidden: int
+  height: int
+  width: int
+  out_channels: int  # distributions.num_outputs of the likelihood.
 
   @nn.compact
-  def __call__(self, z: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, z: jax.Array) -> jax.Array:
     chex.assert_rank(z, 2)
-    side = self.canvas_size
-    canvas = nn.Dense(side * side * self.channels)(z).reshape(-1, side, side, self.channels)
-    return decoder_lib.Decoder(
-      features=self.features, out_channels=self.out_channels, upsample=self.upsample
-    )(canvas, train)
+    h = nn.relu(nn.Dense(self.hidden, name='hidden')(z))
+    out = nn.Dense(self.height * self.width * self.out_channels, name='out')(h)
+    return out.reshape(z.shape[0], self.height, self.width, self.out_channels)
 
 
 class GaussianVAE(nn.Module):
@@ -57,15 +51,15 @@ class GaussianVAE(nn.Module):
   `encode` and `decode` run one net each.
   """
 
-  encoder: GaussianEncoder
-  decoder: LatentDecoder
+  encoder: MlpEncoder
+  decoder: MlpDecoder
 
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    mean, _ = self.encoder(x, train)
-    return self.decoder(mean, train)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    mean, _ = self.encoder(x)
+    return self.decoder(mean)
 
-  def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    return self.encoder(x, train)
+  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.encoder(x)
 
-  def decode(self, z: jax.Array, train: bool) -> jax.Array:
-    return self.decoder(z, train)
+  def decode(self, z: jax.Array) -> jax.Array:
+    return self.decoder(z)
