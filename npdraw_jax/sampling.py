@@ -1,7 +1,8 @@
 """Ancestral sampling from the prior (spec section 4).
 
 `make_sampler` keeps a key/value cache and the running canvas: each step runs
-the Transformer on one token and pastes one part, all inside one `lax.scan`.
+the Transformer on one token and pastes one part, all inside one `lax.scan`
+(the authors' prior's class token enters the cache once, before the scan).
 `make_naive_sampler` re-renders every canvas and re-runs the whole Transformer
 at each step, as the authors' code does; it is the O(T^2) baseline the
 benchmarks compare against and draws exactly the same samples.
@@ -80,16 +81,7 @@ def make_sampler(
     side, channels = grid.canvas_size, bank.shape[-1]
     canvas = jnp.zeros((batch_size, side, side, channels), bank.dtype)
     location_map = jnp.zeros((batch_size, side, side, 1), bank.dtype)
-    # The cache's shapes come from a full-length call; its values start at 0.
-    shapes = jax.eval_shape(
-      lambda: decoder.init(
-        jax.random.key(0),
-        jnp.zeros((batch_size, num_steps, side, side, channels)),
-        jnp.zeros((batch_size, num_steps, side, side, 1)),
-        jnp.arange(num_steps),
-      )['cache']
-    )
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    cache = prior_lib.initial_cache(model, params, batch_size, (side, side, channels))
 
     def step(carry, t):
       cache, canvas, location_map = carry

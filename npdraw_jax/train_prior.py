@@ -61,7 +61,11 @@ def checkpoint_settings(config: ml_collections.ConfigDict, num_locations: int) -
       'L': num_locations,
       'canvas_size': config.data.canvas_size,
       'channels': config.data.channels,
-      **{k: p[k] for k in ('token_features', 'd_model', 'num_layers', 'num_heads', 'mlp_ratio')},
+      'networks': config.model.networks,
+      **{
+        k: p[k]
+        for k in ('token_features', 'd_model', 'num_layers', 'num_heads', 'head_dim', 'mlp_dim')
+      },
     },
   }
 

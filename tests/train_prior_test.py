@@ -9,7 +9,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 
 from configs import tiny
 from npdraw_jax import artifacts, partbank, pipeline, train_prior
@@ -57,11 +57,13 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-class LearningTest(absltest.TestCase):
-  def test_held_out_nll_reaches_log_2(self):
+class LearningTest(parameterized.TestCase):
+  @parameterized.parameters('authors', 'ours')
+  def test_held_out_nll_reaches_log_2(self, networks):
     config = prior_config(
       lr=3e-3, warmup_steps=10, train_steps=150, eval_every=50, checkpoint_every=50
     )
+    config.model.networks = networks
     workdir = two_drawings_workdir(config)
     train_prior.train_and_evaluate(config, workdir)
     records = read_metrics(workdir)
@@ -132,6 +134,10 @@ class CheckpointTest(absltest.TestCase):
     wider = prior_config(train_steps=2, checkpoint_every=1, eval_every=0, d_model=48)
     with self.assertRaisesRegex(ValueError, r'other settings \(differing: model.d_model\)'):
       train_prior.train_and_evaluate(wider, workdir)
+    ours = prior_config(train_steps=2, checkpoint_every=1, eval_every=0)
+    ours.model.networks = 'ours'
+    with self.assertRaisesRegex(ValueError, r'other settings \(differing: model.networks\)'):
+      train_prior.train_and_evaluate(ours, workdir)
 
 
 if __name__ == '__main__':
