@@ -68,6 +68,7 @@ def _shrink_celeba(config: ml_collections.ConfigDict) -> None:
   config.data.center_crop = 148
   config.data.binarize = 'none'
   config.partbank.empty_threshold = 0.0
+  config.data.holdout_size = 16  # Of the 64 images tfds' mock data makes.
   config.model.K = 8
   config.model.T = 4
   config.model.likelihood = 'logistic'

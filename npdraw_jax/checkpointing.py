@@ -3,10 +3,12 @@
 Each stage keeps its checkpoints in its own directory (DIR/prior, DIR/vae)
 with `settings.json`: what a checkpoint must agree with to be restored (model
 shapes, the data it was trained on). Restoring under other settings is a
-clear error rather than a shape traceback deep inside Orbax.
+clear error rather than a shape traceback deep inside Orbax. A stage that
+selects models keeps its best checkpoint so far in DIR/STAGE/best.
 """
 
 import json
+import math
 import os
 
 import jax
@@ -97,6 +99,70 @@ class Checkpoints:
   def save(self, step: int, state, force: bool = False) -> None:
     """Saves when step is on the interval, or always when forced."""
     self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def close(self) -> None:
+    """Waits for asynchronous saves, then releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+BEST_DIR = 'best'
+
+
+class BestCheckpoint:
+  """The checkpoint with the lowest value of a metric so far, in DIRECTORY/best.
+
+  The value is stored with the checkpoint (as its Orbax metrics), so the best
+  so far survives a resume. Open it after the stage's Checkpoints, whose
+  settings check covers this subdirectory too; Orbax ignores it when listing
+  the periodic checkpoints beside it.
+
+  Args:
+    directory: the stage's checkpoint directory.
+    metric: the name of the value, lower is better (e.g. a held-out NLL).
+  """
+
+  def __init__(self, directory: str, metric: str):
+    self.directory = os.path.join(os.path.abspath(directory), BEST_DIR)
+    self.metric = metric
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode='min'
+      ),
+    )
+    step = self._manager.best_step()
+    self._best = None if step is None else (step, float(self._manager.metrics(step)[metric]))
+
+  def best(self) -> tuple[int, float] | None:
+    """(step, value) of the best checkpoint, or None before the first."""
+    return self._best
+
+  def update(self, step: int, state, value: float) -> bool:
+    """Saves state as the best when value is finite and below the best so far.
+
+    Every process must call it with the same value. Returns whether it saved.
+    A step already saved (a resumed run evaluating it again) is not saved twice.
+    """
+    current = self.best()
+    if not math.isfinite(value) or (current is not None and value >= current[1]):
+      return False
+    if current is not None and step == current[0]:
+      return False
+    self._manager.save(
+      step, args=ocp.args.StandardSave(state), metrics={self.metric: value}, force=True
+    )
+    self._best = step, float(value)
+    return True
+
+  def restore(self, abstract_state):
+    """Restores the best checkpoint into the structure, shapes and shardings of
+    `abstract_state`; a FileNotFoundError when there is none."""
+    found = self.best()
+    if found is None:
+      raise FileNotFoundError(f'No best checkpoint in {self.directory}.')
+    logging.info('Restoring %s step %d (%s %.6g).', self.directory, found[0], self.metric, found[1])
+    return self._manager.restore(found[0], args=ocp.args.StandardRestore(abstract_state))
 
   def close(self) -> None:
     """Waits for asynchronous saves, then releases the manager."""

@@ -2,12 +2,16 @@
 
   run(config, workdir)
 
-restores the trained model, computes per test image the importance-weighted
-bound at each S of eval.iwae_samples (hard samples, spec section 8) and the
-single-sample bound, and, when eval.fid_weights names an Inception file, the
-FID of prior samples against the test split; writes the means and standard
-errors to DIR/metrics.jsonl (stage 'eval', split 'test'), and draws
-DIR/samples.png, DIR/reconstructions.png and DIR/drawing.gif.
+restores the trained model (the checkpoint with the best held-out bound when
+data.holdout_size > 0, else the last), computes per test image the
+importance-weighted bound at each S of eval.iwae_samples (hard samples, spec
+section 8), the single-sample bound and the authors' estimate
+nll_authors_{eval.authors_samples} (not a bound, section 11), and, when
+eval.fid_weights names an Inception file, the FID of prior samples against the
+test split; writes the means and standard errors to DIR/metrics.jsonl (stage
+'eval', split 'test'), and draws DIR/samples.png, DIR/reconstructions.png and
+DIR/drawing.gif. The VAE stage reuses make_eval_step and test_bounds on the
+held-out images.
 """
 
 import collections
@@ -43,6 +47,8 @@ SAMPLES_FILE = 'samples.png'
 RECONSTRUCTIONS_FILE = 'reconstructions.png'
 DRAWING_FILE = 'drawing.gif'
 DRAWING_SAMPLES = 8  # Prior samples animated in drawing.gif.
+# Seed streams of the Bernoulli draws of FID's binary protocol.
+_FID_FAKE_NOISE, _FID_REAL_NOISE = 1, 2
 
 
 def iwae_sample_counts(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -54,8 +60,24 @@ def iwae_sample_counts(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return tuple(sorted(set(counts)))
 
 
+def sample_chunk(num_samples: int, chunk_size: int, field: str) -> int:
+  """Samples per compiled pass when drawing num_samples (the config field
+  `field`): min(eval.chunk_size, num_samples), which must divide it."""
+  chunk = min(chunk_size, num_samples)
+  if num_samples < 1 or chunk < 1 or num_samples % chunk:
+    raise ValueError(
+      f'{field} = {num_samples} must be positive and a multiple of eval.chunk_size '
+      f'= {chunk_size} when larger than it.'
+    )
+  return chunk
+
+
 def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, mesh):
-  """(model, state) of the finished stage 2; a clear error when it is not."""
+  """(model, state) of the finished stage 2; a clear error when it is not.
+
+  The state is the VAE checkpoint with the best held-out bound when
+  data.holdout_size > 0 and one was kept, else the last; the log says which.
+  """
   model = npdraw.make_model(config)
   prior_params = train_prior.restore_trained_params(config, workdir, mesh)
   checkpoints = train_vae.open_checkpoints(config, workdir)
@@ -68,23 +90,53 @@ def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, mesh)
       f'(found: {checkpoints.latest_step()}): run the vae stage first.'
     )
   init_fn = train_vae.make_init_fn(config, model, prior_params)
-  state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
+  best = train_vae.open_best_checkpoint(workdir) if config.data.holdout_size > 0 else None
+  found = best.best() if best else None
+  if found is None:
+    logging.info('Using the last VAE checkpoint, step %d.', checkpoints.latest_step())
+    state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
+  else:
+    logging.info(
+      'Using the VAE checkpoint with the best held-out bound: step %d, held-out %s %.4f '
+      '(the last checkpoint is step %d).',
+      found[0],
+      best.metric,
+      found[1],
+      checkpoints.latest_step(),
+    )
+    state = best.restore(train_lib.abstract_state(init_fn, mesh))
+  if best:
+    best.close()
   checkpoints.close()
   return model, state
 
 
-def make_eval_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh):
+def make_eval_step(
+  model: npdraw.NPDraw,
+  mesh,
+  sample_counts: tuple[int, ...],
+  chunk_size: int,
+  authors_samples: int = 0,
+):
   """Jitted (variables, bank, batch, key) -> per-image bounds and 'mask' [B].
 
-  The bounds are those of npdraw.iwae_bounds; the outputs are replicated so
-  that every process sees the whole global batch.
+  The bounds are those of npdraw.iwae_bounds at sample_counts; with
+  authors_samples = S > 0 also f'nll_authors_{S}' (npdraw.authors_nll, from
+  samples of their own). At most chunk_size samples per pass. The outputs are
+  replicated so that every process sees the whole global batch.
   """
-  counts = iwae_sample_counts(config)
-  chunk = min(config.eval.chunk_size, counts[-1])
+  chunk = min(chunk_size, max(sample_counts))
+  if authors_samples:
+    authors_chunk = sample_chunk(authors_samples, chunk_size, 'eval.authors_samples')
 
   def eval_step(variables, bank, batch, key):
-    bounds = npdraw.iwae_bounds(model, variables, bank, batch['image'], key, counts, chunk)
-    return {**bounds, 'mask': batch['mask']}
+    images = batch['image']
+    out = npdraw.iwae_bounds(model, variables, bank, images, key, sample_counts, chunk)
+    if authors_samples:
+      out[f'nll_authors_{authors_samples}'] = npdraw.authors_nll(
+        model, variables, bank, images, jax.random.fold_in(key, 1), authors_samples, authors_chunk
+      )
+    return {**out, 'mask': batch['mask']}
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(
@@ -118,18 +170,22 @@ def test_bounds(
   mesh,
   bounds_fn: Callable[[dict, jax.Array], dict],
   is_8bit: bool,
+  description: str = '',
 ) -> dict[str, float]:
-  """The summary (see summarise) of per-image bounds over the whole test split.
+  """The summary (see summarise) of per-image bounds over the whole split `test`
+  (this process's share of the test split, or of the held-out one).
 
   bounds_fn(global batch {'image', 'mask'}, key) -> per-image bounds and 'mask',
-  replicated; eval_batches binarises the test images alike for every model.
+  replicated; eval_batches binarises the images alike for every model and every
+  call, and the keys are the same at every call (a fair comparison of
+  checkpoints). description: the progress bar's, by default the eval's S.
   """
   local_batch = sharding.check_batch_size(config.eval.batch_size, 'eval.batch_size')
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   per_image = collections.defaultdict(list)
   batches = input_pipeline.eval_batches(test, config.data, local_batch, config.seed)
   num_batches = -(-test.num_examples // local_batch)
-  description = f'{STAGE} (S = {", ".join(map(str, iwae_sample_counts(config)))})'
+  description = description or f'{STAGE} (S = {", ".join(map(str, iwae_sample_counts(config)))})'
   for b, batch in enumerate(tqdm(batches, total=num_batches, desc=description, unit='batch')):
     batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
     bounds = jax.device_get(bounds_fn(batch, jax.random.fold_in(key, b)))
@@ -152,7 +208,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
   )
   test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
-  eval_step = make_eval_step(model, config, mesh)
+  eval_step = make_eval_step(
+    model, mesh, iwae_sample_counts(config), config.eval.chunk_size, config.eval.authors_samples
+  )
   summary = test_bounds(
     config,
     test,
@@ -163,7 +221,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if inception is None:
     logging.info('FID skipped: eval.fid_weights is not set (see the README, "FID").')
   elif jax.process_index() == 0:
-    summary['fid'] = compute_fid(config, inception, model, variables, bank, test)
+    # FID compares with the whole test split, not this process's share of it.
+    whole_test = (
+      test if jax.process_count() == 1 else input_pipeline.load_split(config.data, 'test')
+    )
+    summary['fid'] = compute_fid(config, inception, model, variables, bank, whole_test)
   logging.info('Stage %s on %d test images: %s', STAGE, summary['test_images'], summary)
   metrics_log = train_lib.MetricsLog(workdir, STAGE)
   metrics_log.write(int(state.step), 'test', summary)
@@ -182,12 +244,17 @@ def _pad_to(batch: np.ndarray, size: int) -> np.ndarray:
 def feature_moments(
   features_fn: Callable[[np.ndarray], jax.Array], batches: Iterable[np.ndarray], batch_size: int
 ) -> fid.Moments:
-  """Running moments of the features of every image in batches of at most batch_size."""
-  moments = fid.init_moments()
+  """Running moments of the features of every image in batches of at most batch_size.
+
+  The features' width is features_fn's (Inception's by default, when no batch comes).
+  """
+  moments = None
   for batch in batches:
     features = np.asarray(features_fn(_pad_to(batch, batch_size)))
+    if moments is None:
+      moments = fid.init_moments(features.shape[1])
     moments = fid.update_moments(moments, features[: batch.shape[0]])
-  return moments
+  return fid.init_moments() if moments is None else moments
 
 
 def _counted(batches: Iterable[np.ndarray], bar: tqdm) -> Iterator[np.ndarray]:
@@ -219,29 +286,72 @@ def generated_images(
     yield np.asarray(decode(samples.canvases[:, -1]))[: count - start]
 
 
+def bernoulli_draws(batches: Iterable[np.ndarray], seed: int, stream: int) -> Iterator[np.ndarray]:
+  """Each batch of images in [0, 1] as one Bernoulli draw per pixel, in {0, 1}.
+
+  Batch b draws from the NumPy generator [seed, stream, b]: repeatable.
+  """
+  for b, batch in enumerate(batches):
+    uniform = np.random.default_rng([seed, stream, b]).random(batch.shape, dtype=np.float32)
+    # u < p with u in [0, 1): p = 0 never fires, p = 1 always does.
+    yield (uniform < batch).astype(np.float32)
+
+
+def images_fid(
+  features_fn: Callable[[np.ndarray], jax.Array],
+  fake: Iterable[np.ndarray],
+  real: Iterable[np.ndarray],
+  batch_size: int,
+  binarize_seed: int | None,
+  total: int | None = None,
+) -> float:
+  """FID between two streams of image batches [n <= batch_size, H, W, C] in [0, 1].
+
+  With binarize_seed (the authors' protocol for binary data) both streams are
+  Bernoulli-drawn (bernoulli_draws, a stream each) before the features.
+  total: the number of images, for the progress bar.
+  """
+  if binarize_seed is not None:
+    fake = bernoulli_draws(fake, binarize_seed, _FID_FAKE_NOISE)
+    real = bernoulli_draws(real, binarize_seed, _FID_REAL_NOISE)
+  with tqdm(total=total, desc='FID', unit='image') as bar:
+    fake_moments = feature_moments(features_fn, _counted(fake, bar), batch_size)
+    real_moments = feature_moments(features_fn, _counted(real, bar), batch_size)
+  return fid.frechet_distance(
+    *fid.mean_and_covariance(fake_moments), *fid.mean_and_covariance(real_moments)
+  )
+
+
 def compute_fid(
   config: ml_collections.ConfigDict, inception: dict, model, variables, bank, test
 ) -> float:
-  """FID between eval.fid_samples decoded prior samples and this process's test images.
+  """FID between eval.fid_samples decoded prior samples and the images of `test`.
 
   Generated images are the decoder's mean images (no pixel noise); test images
-  are the stored ones (grey levels for binarised data). `inception` holds the
-  variables of fid.load_inception.
+  are the stored ones (grey levels for binarised data). With
+  eval.fid_binarize both are Bernoulli-binarised first (the authors' protocol
+  for MNIST). `inception` holds the variables of fid.load_inception.
   """
-  features_fn = fid.make_feature_fn(inception)
   batch_size, count = config.eval.batch_size, config.eval.fid_samples
   real = (
     test.images[start : start + batch_size].astype(np.float32) / 255.0
     for start in range(0, test.num_examples, batch_size)
   )
-  fake = generated_images(config, model, variables, bank, count)
-  with tqdm(total=count + test.num_examples, desc='FID', unit='image') as bar:
-    fake_moments = feature_moments(features_fn, _counted(fake, bar), batch_size)
-    real_moments = feature_moments(features_fn, _counted(real, bar), batch_size)
-  score = fid.frechet_distance(
-    *fid.mean_and_covariance(fake_moments), *fid.mean_and_covariance(real_moments)
+  score = images_fid(
+    fid.make_feature_fn(inception),
+    generated_images(config, model, variables, bank, count),
+    real,
+    batch_size,
+    binarize_seed=config.seed if config.eval.fid_binarize else None,
+    total=count + test.num_examples,
   )
-  logging.info('FID of %d samples against %d test images: %.3f', count, test.num_examples, score)
+  logging.info(
+    'FID of %d samples against %d test images%s: %.3f',
+    count,
+    test.num_examples,
+    ' (both Bernoulli-binarised)' if config.eval.fid_binarize else '',
+    score,
+  )
   return score
 
 

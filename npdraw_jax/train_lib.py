@@ -40,18 +40,22 @@ def init_replicated(init_fn: Callable[[], TrainState], mesh) -> TrainState:
   return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))()
 
 
+def abstract_state(init_fn: Callable[[], TrainState], mesh) -> TrainState:
+  """The replicated shapes of init_fn's state, as a target to restore into."""
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+    jax.eval_shape(init_fn),
+  )
+
+
 def restore_or_init(
   checkpoints: checkpointing.Checkpoints, init_fn: Callable[[], TrainState], mesh
 ) -> TrainState:
   """The newest checkpoint if there is one, else a fresh state."""
   if checkpoints.latest_step() is None:
     return init_replicated(init_fn, mesh)
-  replicated = sharding.replicated(mesh)
-  abstract = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-    jax.eval_shape(init_fn),
-  )
-  return checkpoints.restore(abstract)
+  return checkpoints.restore(abstract_state(init_fn, mesh))
 
 
 class MetricsLog:
@@ -105,11 +109,14 @@ def train_loop(
   eval_every: int,
   evaluate: Callable[[TrainState], dict[str, float]],
   description: str,
+  eval_split: str = 'test',
 ) -> TrainState:
   """Runs train_step from state.step to num_steps with logging, evals, checkpoints.
 
   train_step(state, batch) -> (state, metrics); batch_at(step) gives the
   (global) batch of a step, so a resumed run sees the data it would have.
+  evaluate(state) runs every eval_every steps and at the last; its results
+  are logged under eval_split (the split it measures).
   Metrics are fetched from the device only at log, eval and checkpoint steps.
   `description` (what is trained, on what) is logged when steps remain; a
   state already at num_steps is returned as it is.
@@ -132,8 +139,8 @@ def train_loop(
       bar.set_postfix({k: f'{v:.4g}' for k, v in values.items() if k in ('loss', 'nll')})
     if eval_every and (done % eval_every == 0 or is_last):
       results = evaluate(state)
-      metrics_log.write(done, 'test', results)
-      logging.info('%s step %d test: %s', stage, done, results)
+      metrics_log.write(done, eval_split, results)
+      logging.info('%s step %d %s: %s', stage, done, eval_split, results)
     checkpoints.save(done, state, force=is_last)
     bar.update(1)
   bar.close()

@@ -1,11 +1,16 @@
-"""Pieces of the eval stage: the summary of per-image bounds and FID's feature moments."""
+"""Pieces of the eval stage: the summary of per-image bounds, the authors' NLL
+estimate, FID's feature moments and its binary protocol."""
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
+from scipy import special
 
-from npdraw_jax import evaluate, fid
+from configs import tiny
+from npdraw_jax import evaluate, fid, npdraw
 from npdraw_jax.models import inception
 
 
@@ -31,6 +36,80 @@ class SummariseTest(absltest.TestCase):
     self.assertNotIn('bits_per_dim', evaluate.summarise(per_image, 784, is_8bit=False))
 
 
+def setUpModule():
+  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
+
+
+def _bernoulli_kl(q_logit, p_logit):
+  q, p = special.expit(q_logit), special.expit(p_logit)
+  return q * np.log(q / p) + (1 - q) * np.log((1 - q) / (1 - p))
+
+
+def _uniform_kl(p_logits):
+  """KL(uniform || softmax(p_logits)) over the last axis."""
+  return -np.log(p_logits.shape[-1]) - special.log_softmax(p_logits, axis=-1).mean(-1)
+
+
+class AuthorsNllTest(absltest.TestCase):
+  def test_one_step_model_against_numpy(self):
+    # One step; an encoder and a decoder with all parameters zero output
+    # logits 0: q is uniform (pres ~ Bern(1/2)) and p(x | z) = 2^-256 for any
+    # z. The prior on the empty history is random. Sample s then weighs
+    # log p(x | z_s) - KL_s with KL_s = K0 (pres_s = 0) or K1 (pres_s = 1), so
+    # the estimate is 256 log 2 - log((1 - f) e^-K0 + f e^-K1), f the share of
+    # the S samples that draw the part.
+    config = tiny.get_config()
+    config.model.T = 1
+    config.parse.order = 'greedy'  # Any T.
+    model = npdraw.make_model(config)
+    variables = jax.jit(lambda k: npdraw.init_variables(model, k))(jax.random.key(0))
+    params = variables['params']
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    prior = jax.tree.map(
+      lambda x, k: x + 0.3 * jax.random.normal(k, x.shape),
+      params['prior'],
+      jax.tree.unflatten(
+        jax.tree.structure(params['prior']),
+        list(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params['prior'])))),
+      ),
+    )
+    variables = {
+      'params': {
+        'encoder': zeros(params['encoder']),
+        'decoder': zeros(params['decoder']),
+        'prior': prior,
+      },
+      'batch_stats': variables['batch_stats'],
+    }
+    empty = jnp.zeros((1, 1, 16, 16, 1))
+    p = jax.tree.map(
+      lambda x: np.asarray(x, np.float64)[0, 0],
+      model.prior.apply({'params': prior}, empty, empty, jnp.arange(1)),
+    )
+    k0 = _bernoulli_kl(0.0, p['pres'])
+    k1 = k0 + _uniform_kl(p['where']) + _uniform_kl(p['what'])
+    self.assertGreater(k1 - k0, 0.3)  # The two kinds of sample weigh apart.
+
+    num_images, num_samples = 64, 4
+    images = (jax.random.uniform(jax.random.key(2), (num_images, 16, 16, 1)) < 0.3).astype(
+      jnp.float32
+    )
+    bank = jax.random.uniform(jax.random.key(3), (16, 4, 4, 1))
+    estimate = jax.jit(
+      lambda key: npdraw.authors_nll(model, variables, bank, images, key, num_samples, 2)
+    )(jax.random.key(4))
+    estimate = np.asarray(estimate, np.float64)
+    mean_weight = np.exp(256 * np.log(2) - estimate)
+    share = (mean_weight - np.exp(-k0)) / (np.exp(-k1) - np.exp(-k0))
+    drawn = np.round(share * num_samples)
+    np.testing.assert_allclose(share * num_samples, drawn, atol=2e-3)
+    self.assertTrue(np.all((drawn >= 0) & (drawn <= num_samples)))
+    # The draws of pres are fair coins: 256 of them.
+    self.assertLess(abs(drawn.mean() / num_samples - 0.5), 4 * 0.5 / math.sqrt(256))
+    # Both kinds occur, so a mean of the KLs instead of a log-mean-exp would show.
+    self.assertGreater(np.mean((drawn > 0) & (drawn < num_samples)), 0.5)
+
+
 class FeatureMomentsTest(absltest.TestCase):
   def test_padded_batches_give_the_moments_of_all_images(self):
     rng = np.random.default_rng(1)
@@ -48,6 +127,46 @@ class FeatureMomentsTest(absltest.TestCase):
     np.testing.assert_allclose(mean, features.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(covariance, np.cov(features, rowvar=False), rtol=1e-4, atol=1e-5)
     self.assertEqual(calls, [(10, 4, 4, 3)] * 3)  # The short batch is padded: one shape.
+
+
+class FidBinarizeTest(absltest.TestCase):
+  def test_features_see_bernoulli_draws_of_both_streams(self):
+    rng = np.random.default_rng(2)
+    fake = rng.uniform(0, 0.5, size=(40, 8, 8, 3)).astype(np.float32)
+    real = rng.uniform(0.5, 1, size=(40, 8, 8, 3)).astype(np.float32)
+    seen = []
+    projection = rng.normal(size=(8 * 8 * 3, 4))  # Few features: a quick distance.
+
+    def features_fn(images):  # A stand-in for Inception that records its inputs.
+      seen.append(np.array(images))
+      return images.reshape(images.shape[0], -1) @ projection
+
+    def batches(images):
+      return (images[i : i + 10] for i in range(0, 40, 10))
+
+    evaluate.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=0)
+    seen_fake, seen_real = np.concatenate(seen[:4]), np.concatenate(seen[4:])
+    for images, probabilities in ((seen_fake, fake), (seen_real, real)):
+      self.assertContainsSubset(set(np.unique(images)), {0.0, 1.0})
+      # Pixel by pixel: the draws' mean within 4 standard errors of p's, over
+      # all pixels and over those of high and of low p alike.
+      high = probabilities >= np.median(probabilities)
+      for pixels in (np.ones_like(high), high, ~high):
+        p = probabilities[pixels]
+        stderr = math.sqrt(np.mean(p * (1 - p)) / p.size)
+        self.assertLess(abs(images[pixels].mean() - p.mean()), 4 * stderr)
+    # Repeatable per seed; another seed draws other pixels.
+    seen.clear()
+    evaluate.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=0)
+    np.testing.assert_array_equal(np.concatenate(seen[:4]), seen_fake)
+    seen.clear()
+    evaluate.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=1)
+    self.assertGreater(np.mean(np.concatenate(seen[:4]) != seen_fake), 0.1)
+    # Off: the images as they are.
+    seen.clear()
+    evaluate.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=None)
+    np.testing.assert_array_equal(np.concatenate(seen[:4]), fake)
+    np.testing.assert_array_equal(np.concatenate(seen[4:]), real)
 
 
 if __name__ == '__main__':

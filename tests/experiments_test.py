@@ -22,10 +22,18 @@ from npdraw_jax.models import inception
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def eval_record(workdir):
+# The tiny CelebA config holds out 64 images, as many as mock_data makes: hold
+# out fewer here.
+HOLDOUT_SIZE = 16
+
+
+def records(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
-  (record,) = [r for r in records if r['stage'] == 'eval']
+    return [json.loads(line) for line in f]
+
+
+def eval_record(workdir):
+  (record,) = [r for r in records(workdir) if r['stage'] == 'eval']
   return record
 
 
@@ -60,6 +68,16 @@ class CelebaPipelineTest(absltest.TestCase):
     self.assertEqual(sum(durations), 200 * (config.model.T - 1) + 2000)
     for name in ('partbank.npz', 'parses.npz', 'prior_samples.png', 'prior', 'vae'):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+    # The authors' estimate beside the bounds; the evaluated checkpoint is the
+    # one with the best held-out bound, the only one in DIR/vae/best.
+    authors = f'nll_authors_{config.eval.authors_samples}'
+    self.assertTrue(np.isfinite(record[authors]))
+    self.assertGreater(record[f'{authors}_stderr'], 0)
+    holdout = [r for r in records(workdir) if r['split'] == 'holdout']
+    self.assertEqual([r['holdout_images'] for r in holdout], [HOLDOUT_SIZE] * len(holdout))
+    best = min(holdout, key=lambda r: r['nll_iwae'])
+    self.assertEqual(os.listdir(os.path.join(workdir, 'vae', 'best')), [str(best['step'])])
+    self.assertEqual(record['step'], best['step'])
 
   def test_all_stages_on_tfds_mock_data(self):
     config = tiny.get_config('celeba')
@@ -71,6 +89,7 @@ class CelebaPipelineTest(absltest.TestCase):
     )
     fid.save_inception(config.eval.fid_weights, variables)
     config.eval.fid_samples = 16
+    config.data.holdout_size = HOLDOUT_SIZE
     with tfds.testing.mock_data(num_examples=64):
       for stage in launch.DEFAULT_STAGES:
         launch.STAGES[stage](config, workdir)
@@ -94,6 +113,7 @@ class CelebaPipelineTest(absltest.TestCase):
         f'--workdir={workdir}',
         '--config=configs/tiny.py:celeba',
         f'--config.data.source=folder:{folder}',
+        f'--config.data.holdout_size={HOLDOUT_SIZE}',
       ],
       cwd=REPO,
       capture_output=True,
@@ -102,6 +122,7 @@ class CelebaPipelineTest(absltest.TestCase):
     )
     self.assertEqual(result.returncode, 0, result.stderr[-4000:])
     self.assertIn('FID skipped: eval.fid_weights is not set', result.stderr)
+    self.assertIn('Using the VAE checkpoint with the best held-out bound', result.stderr)
     self.check_outputs(workdir, tiny.get_config('celeba'))
     self.assertNotIn('fid', eval_record(workdir))
 

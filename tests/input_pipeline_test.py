@@ -26,6 +26,7 @@ _BILINEAR = Image.Resampling.BILINEAR
 
 def _data(module=default, **overrides):
   data = module.get_config().data
+  data.holdout_size = 0  # The whole training split is 'train' unless a test holds some out.
   for key, value in overrides.items():
     setattr(data, key, value)
   return data
@@ -303,13 +304,72 @@ class EmbeddedTest(absltest.TestCase):
     self.assertContainsSubset(set(np.unique(batches[0]['image'])), {0.0, 1.0})
 
   def test_resize_and_process_shards(self):
-    data = tiny.get_config().data  # 16x16 embedded digits.
+    data = _data(tiny)  # 16x16 embedded digits.
     shards = [input_pipeline.load_split(data, 'train', i, 2) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([s.index for s in shards]), self.train.index)
     shard = shards[1]
     digits = self.pixels[shard.index].reshape(-1, 28, 28).astype(np.uint8)
     want = np.stack([_resize_ref(x, 16) for x in digits])[..., None]
     np.testing.assert_array_equal(shard.images, want)
+
+
+class HoldoutTest(absltest.TestCase):
+  """data.holdout_size: rows of the embedded training split kept out of 'train'."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.whole = input_pipeline.load_split(_data(source='embedded'), 'train')
+
+  def _load(self, split, process_index=0, process_count=1, **overrides):
+    data = _data(source='embedded', **{'holdout_size': 64, **overrides})
+    return input_pipeline.load_split(data, split, process_index, process_count)
+
+  def test_holdout_and_train_partition_the_split(self):
+    holdout, train = self._load('holdout'), self._load('train')
+    self.assertEqual(holdout.num_examples, 64)
+    self.assertEqual(train.num_examples, self.whole.num_examples - 64)
+    self.assertEmpty(np.intersect1d(holdout.index, train.index))
+    np.testing.assert_array_equal(
+      np.sort(np.concatenate([holdout.index, train.index])), self.whole.index
+    )
+    # Ids stay the original example ids: the images are those rows of the whole split.
+    rows = np.searchsorted(self.whole.index, holdout.index)
+    np.testing.assert_array_equal(holdout.images, self.whole.images[rows])
+    # Seeded: the same rows again; another seed holds out other rows.
+    np.testing.assert_array_equal(self._load('holdout').index, holdout.index)
+    other = self._load('holdout', train_subset_seed=1)
+    self.assertFalse(np.array_equal(other.index, holdout.index))
+
+  def test_process_shares_union_is_the_single_process_split(self):
+    for split in ('holdout', 'train'):
+      whole = self._load(split).index
+      shares = [self._load(split, i, 2).index for i in range(2)]
+      self.assertEmpty(np.intersect1d(*shares))
+      np.testing.assert_array_equal(np.concatenate(shares), whole[: len(whole) // 2 * 2])
+
+  def test_train_fraction_applies_to_the_rest(self):
+    holdout = self._load('holdout', train_fraction=0.5)
+    train = self._load('train', train_fraction=0.5)
+    np.testing.assert_array_equal(holdout.index, self._load('holdout').index)
+    self.assertEqual(train.num_examples, round(0.5 * (self.whole.num_examples - 64)))
+    self.assertEmpty(np.intersect1d(holdout.index, train.index))
+
+  def test_test_split_untouched(self):
+    np.testing.assert_array_equal(
+      self._load('test').index,
+      input_pipeline.load_split(_data(source='embedded'), 'test').index,
+    )
+
+  def test_errors(self):
+    with self.assertRaisesRegex(DataError, 'holdout_size is 0'):
+      input_pipeline.load_split(_data(source='embedded'), 'holdout')
+    with self.assertRaisesRegex(DataError, 'holdout_size must be >= 0'):
+      self._load('train', holdout_size=-1)
+    n = self.whole.num_examples
+    for split in ('train', 'holdout'):
+      with self.assertRaisesRegex(DataError, f'holdout_size = {n} leaves no training'):
+        self._load(split, holdout_size=n)
 
 
 class FolderTest(absltest.TestCase):

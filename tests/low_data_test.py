@@ -150,7 +150,7 @@ class StudyTest(absltest.TestCase):
         self.assertEqual(record['summary']['iwae_samples'], 2)
         self.assertAlmostEqual(record['summary']['nll_iwae'], mean, delta=0.005)
         self.assertAlmostEqual(record['summary']['nll_iwae_stderr'], stderr, delta=0.005)
-      self.assertEqual(images, round(fraction * 4500))
+      self.assertEqual(images, round(fraction * (4500 - config.data.holdout_size)))
     with Image.open(os.path.join(workdir, low_data.PLOT_FILE)) as im:
       self.assertEqual(im.format, 'PNG')
       self.assertEqual(im.size, (640, 480))

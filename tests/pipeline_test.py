@@ -46,7 +46,11 @@ class StagesTest(absltest.TestCase):
   def test_parses_artifact_matches_a_numpy_rendering(self):
     bank = np.load(os.path.join(self.workdir, 'partbank.npz'))['parts']
     parses = dict(np.load(os.path.join(self.workdir, 'parses.npz')))
-    for split, n in (('train', 4500), ('test', 500)):
+    # The held-out images are no stage's training data: they have no parse.
+    holdout = input_pipeline.load_split(self.config.data, 'holdout').index
+    self.assertLen(holdout, 64)
+    self.assertEmpty(np.intersect1d(holdout, parses['train_index']))
+    for split, n in (('train', 4500 - 64), ('test', 500)):
       self.assertEqual(parses[f'{split}_pres'].shape, (n, 16))
       self.assertEqual(parses[f'{split}_pres'].dtype, bool)
       self.assertEqual(parses[f'{split}_where'].dtype, np.int32)

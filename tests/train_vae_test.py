@@ -1,5 +1,7 @@
-"""Stage-2 training: exact resume, and sharded == unsharded."""
+"""Stage-2 training: exact resume, model selection on held-out images, and
+sharded == unsharded."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,14 +13,20 @@ import numpy as np
 from absl.testing import absltest
 
 from configs import tiny
-from npdraw_jax import pipeline, train_prior, train_vae
+from npdraw_jax import checkpointing, pipeline, train_lib, train_prior, train_vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def holdout_records(workdir):
+  with open(os.path.join(workdir, train_lib.METRICS_FILE)) as f:
+    records = [json.loads(line) for line in f]
+  return [r for r in records if r['stage'] == 'vae' and r['split'] == 'holdout']
+
+
 class ResumeTest(absltest.TestCase):
   def test_n_steps_stop_n_more_equals_2n_straight(self):
-    config = tiny.get_config()
+    config = tiny.get_config()  # 64 held-out images.
     config.vae.train_steps = 6
     config.vae.checkpoint_every = 3
     config.vae.keep_checkpoints = 5
@@ -27,10 +35,32 @@ class ResumeTest(absltest.TestCase):
     pipeline.run_parse(config, workdir)
     train_prior.train_and_evaluate(config, workdir)
     straight = train_vae.train_and_evaluate(config, workdir)
+    # The held-out bound at every checkpoint; the best of them is kept.
+    records = holdout_records(workdir)
+    self.assertEqual([r['step'] for r in records], [3, 6])
+    for r in records:
+      self.assertEqual(r['holdout_images'], 64)
+      self.assertEqual(r['iwae_samples'], config.vae.holdout_iwae_samples)
+      self.assertLessEqual(r['nll_iwae'], r['elbo'] + 1e-4)
+    lowest = min(records, key=lambda r: r['nll_iwae'])
+    best = train_vae.open_best_checkpoint(workdir)
+    self.assertEqual(best.best()[0], lowest['step'])
+    self.assertAlmostEqual(best.best()[1], lowest['nll_iwae'], places=5)
+    best.close()
+    self.assertEqual(
+      os.listdir(os.path.join(workdir, 'vae', checkpointing.BEST_DIR)), [str(lowest['step'])]
+    )
     # Stopped after step 3: step 6 was never saved.
     shutil.rmtree(os.path.join(workdir, 'vae', '6'))
     resumed = train_vae.train_and_evaluate(config, workdir)
     self.assertEqual(int(resumed.step), 6)
+    # The resumed run bounds step 6 again, alike, and keeps the same best.
+    again = holdout_records(workdir)[-1]
+    self.assertEqual(again['step'], 6)
+    self.assertAlmostEqual(again['nll_iwae'], records[-1]['nll_iwae'], places=4)
+    best = train_vae.open_best_checkpoint(workdir)
+    self.assertEqual(best.best()[0], lowest['step'])
+    best.close()
     for name in ('params', 'batch_stats', 'opt_state'):
       a, b = getattr(straight, name), getattr(resumed, name)
       for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
