@@ -11,10 +11,12 @@ Three ways to put a part on the canvas:
   the separable row/column placement matrices; gradients reach the weights.
 - `place_straight_through`: `place` for weights that are one-hot in value
   (straight-through samples, parses): `paste` forward, `place`'s gradient.
-  Training renders with it: in the stage-2 train step it is as fast as the
-  `place` einsum (within a few percent either way, benchmarks/RESULTS.md,
-  "Variants in the stage-2 train step"), it builds no [..., G, Hc, p, C]
-  intermediates, and it stays exact where float32 matmuls round (TPUs).
+  Training with vae.where_gradient = 'straight_through' renders with it: in
+  the stage-2 train step it is as fast as the `place` einsum (within a few
+  percent either way, benchmarks/RESULTS.md, "Variants in the stage-2 train
+  step"), it builds no [..., G, Hc, p, C] intermediates, and it stays exact
+  where float32 matmuls round (TPUs). The reference setting ('none') pastes
+  at the argmax instead, so `where` gets no gradient (render_relaxed_steps).
 """
 
 import dataclasses
@@ -240,11 +242,13 @@ def render_relaxed_steps(
   pres: jax.Array,
   where_weights: jax.Array,
   what_weights: jax.Array,
+  where_gradient: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """Relaxed rendering: soft `what`, straight-through `where`, `pres` in [0, 1].
 
   The part of step t is sum_k what_weights[t, k] * bank[k]; gradients flow to
-  all three inputs (to `where` as through `place`).
+  `what` and `pres`, and to `where` as through `place` unless where_gradient
+  is False.
 
   Args:
     grid: the canvas geometry.
@@ -252,6 +256,9 @@ def render_relaxed_steps(
     pres: [..., T] in [0, 1].
     where_weights: [..., T, L], one-hot in value (see place_straight_through).
     what_weights: [..., T, K].
+    where_gradient: False: the parts are pasted at argmax(where_weights) and
+      `where` gets exactly zero gradient, as from the authors' renderer (a
+      filterbank at rounded centres); cheaper than `place`'s backward.
 
   Returns:
     canvases [..., T, Hc, Wc, C] and location maps [..., T, Hc, Wc, 1].
@@ -259,9 +266,13 @@ def render_relaxed_steps(
   chex.assert_shape(where_weights, (*pres.shape, grid.num_locations))
   chex.assert_shape(what_weights, (*pres.shape, bank.shape[0]))
   parts = jnp.einsum('...k,kijc->...ijc', what_weights, bank)
-  canvases = accumulate(place_straight_through(grid, parts, where_weights), pres)
+  if where_gradient:
+    put = lambda x: place_straight_through(grid, x, where_weights)
+  else:
+    where = jnp.argmax(where_weights, axis=-1)
+    put = lambda x: paste(grid, x, where)
   ones = jnp.ones((*pres.shape, grid.patch_size, grid.patch_size, 1), bank.dtype)
-  return canvases, accumulate(place_straight_through(grid, ones, where_weights), pres)
+  return accumulate(put(parts), pres), accumulate(put(ones), pres)
 
 
 def states_before(canvases: jax.Array, maps: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -35,28 +35,47 @@ class NPDraw:
   channels: int
 
 
-def make_model(config: ml_collections.ConfigDict) -> NPDraw:
-  """The model a configuration describes."""
-  grid = pipeline.grid_from_config(config)
+def make_networks(
+  config: ml_collections.ConfigDict, num_locations: int
+) -> tuple[
+  encoder_lib.AuthorsEncoder | encoder_lib.Encoder, decoder_lib.AuthorsDecoder | decoder_lib.Decoder
+]:
+  """The (encoder, decoder) of config.model.networks: 'authors' (spec section 11) or 'ours'."""
   m, data = config.model, config.data
   dtype = layers.compute_dtype(m.compute_dtype)
   if data.image_size % data.canvas_size:
     raise ValueError('data.image_size must be 1 or 2 times data.canvas_size.')
+  authors = layers.check_networks(m.networks) == 'authors'
+  encoder_cls = encoder_lib.AuthorsEncoder if authors else encoder_lib.Encoder
+  encoder = encoder_cls(
+    num_steps=m.T,
+    num_locations=num_locations,
+    num_parts=m.K,
+    features=m.encoder_features,
+    head=m.encoder_head,
+    dtype=dtype,
+  )
+  decoder_args = {
+    'features': m.decoder_features,
+    'out_channels': distributions.num_outputs(m.likelihood, data.channels, m.num_mixtures),
+    'upsample': data.image_size // data.canvas_size,
+    'dtype': dtype,
+  }
+  if not authors:
+    return encoder, decoder_lib.Decoder(**decoder_args)
+  # Their mixture-of-logistics output conv has no bias; their other heads do.
+  output_bias = m.likelihood != 'mixture_logistic'
+  return encoder, decoder_lib.AuthorsDecoder(**decoder_args, output_bias=output_bias)
+
+
+def make_model(config: ml_collections.ConfigDict) -> NPDraw:
+  """The model a configuration describes."""
+  grid = pipeline.grid_from_config(config)
+  m, data = config.model, config.data
+  encoder, decoder = make_networks(config, grid.num_locations)
   return NPDraw(
-    encoder=encoder_lib.Encoder(
-      num_steps=m.T,
-      num_locations=grid.num_locations,
-      num_parts=m.K,
-      features=m.encoder_features,
-      head=m.encoder_head,
-      dtype=dtype,
-    ),
-    decoder=decoder_lib.Decoder(
-      features=m.decoder_features,
-      out_channels=distributions.num_outputs(m.likelihood, data.channels, m.num_mixtures),
-      upsample=data.image_size // data.canvas_size,
-      dtype=dtype,
-    ),
+    encoder=encoder,
+    decoder=decoder,
     prior=prior_lib.make_prior(config, grid.num_locations),
     grid=grid,
     likelihood=m.likelihood,
@@ -95,9 +114,24 @@ def gumbel_temperature(epoch, tau0: float, tau_min: float, rate: float):
   return jnp.maximum(tau_min, tau0 * jnp.exp(-rate * epoch))
 
 
-def teacher_forcing_rate(epoch, decay: float):
-  """rho(e) = exp(-decay * e): rho starts at 1, multiplied by exp(-decay) per epoch."""
-  return jnp.exp(-decay * epoch)
+TEACHER_FORCING_SCHEDULES = ('cumulative', 'exponential')
+
+
+def teacher_forcing_rate(epoch, schedule: str, decay: float):
+  """rho_e, the probability that an example is drawn from its parse in epoch e (spec section 7).
+
+  'cumulative' (reference): rho starts at 1 and is multiplied by exp(-decay * e)
+  at the start of epoch e, so rho_e = exp(-decay * e * (e + 1) / 2).
+  'exponential': rho_e = exp(-decay * e).
+  """
+  epoch = jnp.asarray(epoch, jnp.float32)  # In int32, e * (e + 1) overflows past e = 46340.
+  if schedule == 'cumulative':
+    return jnp.exp(-decay * epoch * (epoch + 1) / 2)
+  if schedule == 'exponential':
+    return jnp.exp(-decay * epoch)
+  raise ValueError(
+    f'vae.teacher_forcing must be one of {TEACHER_FORCING_SCHEDULES}, not {schedule!r}.'
+  )
 
 
 # --- Latents ------------------------------------------------------------------
@@ -181,15 +215,133 @@ def parse_supervision(q: dict, parse_pres, parse_where, parse_what) -> jax.Array
 # --- Stage-2 objective ------------------------------------------------------------
 
 
+WHERE_GRADIENTS = ('none', 'straight_through')
+
+
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-  """Static settings of the stage-2 loss."""
+  """Static settings of the stage-2 loss: the vae.* fields of the same names.
+
+  Attributes:
+    beta: KL weight; 0 (reference CelebA) skips the prior entirely.
+    lambda_sup: parse supervision weight.
+    what_straight_through: hard one-hot `what` forward instead of the soft sample.
+    pres_relaxed: a relaxed Bernoulli `pres` instead of a hard draw.
+    finetune_prior: the prior's weights get the KL's gradient.
+    teacher_forcing_pres: teacher forcing also replaces q's `pres` by the parse's.
+    kl_through_history: the KL's gradient reaches q's samples through the
+      canvases the prior reads.
+    prior_dropout: the frozen prior runs in training mode (dropout on).
+    where_gradient: 'none' (the rendered canvas gives `where` no gradient) or
+      'straight_through'.
+  """
 
   beta: float
   lambda_sup: float
   what_straight_through: bool
   pres_relaxed: bool
-  finetune_prior: bool = False
+  finetune_prior: bool
+  teacher_forcing_pres: bool
+  kl_through_history: bool
+  prior_dropout: bool
+  where_gradient: str
+
+  def __post_init__(self):
+    if self.where_gradient not in WHERE_GRADIENTS:
+      raise ValueError(
+        f'vae.where_gradient must be one of {WHERE_GRADIENTS}, not {self.where_gradient!r}.'
+      )
+
+  @classmethod
+  def from_config(cls, vae: ml_collections.ConfigDict) -> 'LossWeights':
+    """The settings in config.vae."""
+    return cls(**{field.name: vae[field.name] for field in dataclasses.fields(cls)})
+
+
+def teacher_force(
+  key: jax.Array, rho, sampled: Latents, parse: Latents, force_pres: bool
+) -> Latents:
+  """Per example, with probability rho, the parse's where and what replace the samples.
+
+  q's `pres` is kept (reference) unless force_pres.
+  """
+  forced = jax.random.bernoulli(key, rho, sampled.pres.shape[:1])
+
+  def choose(own, parsed):
+    return jnp.where(forced.reshape(-1, *(1,) * (own.ndim - 1)), parsed, own)
+
+  return Latents(
+    pres=choose(sampled.pres, parse.pres) if force_pres else sampled.pres,
+    where=choose(sampled.where, parse.where),
+    what=choose(sampled.what, parse.what),
+  )
+
+
+class Stage2Terms(NamedTuple):
+  """Per-example terms of the stage-2 loss and what they were computed from."""
+
+  recon: jax.Array  # [B] -log p(x | canvas).
+  sup: jax.Array  # [B] cross-entropy of q against the parse.
+  kl: jax.Array | None  # [B] analytic KL to the prior; None when beta = 0.
+  prior_logits: dict | None  # The prior's logits given the sampled history; None when beta = 0.
+  latents: Latents  # The drawn (teacher-forced) latents, [B, T, ...].
+  canvas: jax.Array  # [B, Hc, Wc, C] the decoder's input.
+
+
+def stage2_terms(
+  model: NPDraw,
+  variables: dict,
+  bank: jax.Array,
+  batch: dict,
+  q: dict,
+  key: jax.Array,
+  tau,
+  rho,
+  weights: LossWeights,
+) -> tuple[Stage2Terms, dict]:
+  """The terms of the stage-2 loss for q's logits (see stage2_loss).
+
+  Returns:
+    (terms, the decoder's new batch statistics).
+  """
+  images = batch['image']
+  chex.assert_equal_shape([q['pres'], batch['pres'], batch['where'], batch['what']])
+  k_latents, k_forcing, k_dropout = jax.random.split(key, 3)
+  sampled = relaxed_latents(k_latents, q, tau, weights.what_straight_through, weights.pres_relaxed)
+  parse = one_hot_latents(
+    batch['pres'], batch['where'], batch['what'], model.grid.num_locations, bank.shape[0]
+  )
+  latents = teacher_force(k_forcing, rho, sampled, parse, weights.teacher_forcing_pres)
+  # One rendering serves the decoder (last canvas) and the prior (the history).
+  canvases, maps = canvas_lib.render_relaxed_steps(
+    model.grid,
+    bank,
+    latents.pres,
+    latents.where,
+    latents.what,
+    where_gradient=weights.where_gradient == 'straight_through',
+  )
+  out, dec_stats = decode(model, variables, canvases[:, -1], train=True)
+  recon = distributions.nll(model.likelihood, out, images, model.num_mixtures)
+  sup = parse_supervision(q, batch['pres'], batch['where'], batch['what'])
+  kl = p = None
+  if weights.beta != 0:  # beta = 0: nothing depends on the prior, so it is not run.
+    history = canvas_lib.states_before(canvases, maps)
+    if not weights.kl_through_history:
+      history = jax.lax.stop_gradient(history)  # Saves the backward pass through the prior.
+    prior_params = variables['params']['prior']
+    if not weights.finetune_prior:
+      prior_params = jax.lax.stop_gradient(prior_params)
+    p = model.prior.apply(
+      {'params': prior_params},
+      *history,
+      jnp.arange(q['pres'].shape[-1]),
+      train=weights.prior_dropout,
+      rngs={'dropout': k_dropout},
+    )
+    kl = prior_kl(q, p, latents.pres)
+  terms = Stage2Terms(recon, sup, kl, p, latents, canvases[:, -1])
+  return terms, dec_stats
 
 
 def stage2_loss(
@@ -211,51 +363,30 @@ def stage2_loss(
     batch: 'image' [B, H, W, C] and the example's parse 'pres', 'where', 'what' [B, T].
     key: PRNG key of this step.
     tau: Gumbel temperature.
-    rho: probability that an example's decoder input is its parse.
-    weights: beta, lambda_sup and the latent relaxations.
+    rho: probability that an example is drawn from its parse (teacher forcing).
+    weights: the static settings.
 
   Returns:
-    (loss, (metrics, new batch_stats)).
+    (loss, (metrics, new batch_stats)); the metrics have no 'kl' and 'nelbo'
+    when beta = 0.
   """
-  images = batch['image']
-  batch_size, grid = images.shape[0], model.grid
-  chex.assert_shape(batch['pres'], (batch_size, model.prior.num_steps))
-  k_latents, k_forcing = jax.random.split(key)
-  q, enc_stats = encode(model, variables, images, train=True)
-  sampled = relaxed_latents(k_latents, q, tau, weights.what_straight_through, weights.pres_relaxed)
-  parse = one_hot_latents(
-    batch['pres'], batch['where'], batch['what'], grid.num_locations, model.prior.num_parts
-  )
-  # Parse teacher forcing: per example, with probability rho, draw the parse.
-  forced = jax.random.bernoulli(k_forcing, rho, (batch_size,))
-  latents = jax.tree.map(
-    lambda a, b: jnp.where(forced.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), sampled, parse
-  )
-  canvases, maps = canvas_lib.render_relaxed_steps(
-    grid, bank, latents.pres, latents.where, latents.what
-  )
-  out, dec_stats = decode(model, variables, canvases[:, -1], train=True)
-  recon = distributions.nll(model.likelihood, out, images, model.num_mixtures)
-  # The prior reads the history as given: no gradient through its inputs, and
-  # none into its parameters unless it is fine-tuned (saves its backward pass).
-  history = jax.lax.stop_gradient(canvas_lib.states_before(canvases, maps))
-  prior_params = variables['params']['prior']
-  if not weights.finetune_prior:
-    prior_params = jax.lax.stop_gradient(prior_params)
-  p = model.prior.apply({'params': prior_params}, *history, jnp.arange(model.prior.num_steps))
-  kl = prior_kl(q, p, latents.pres)
-  sup = parse_supervision(q, batch['pres'], batch['where'], batch['what'])
-  loss = jnp.mean(recon + weights.beta * kl + weights.lambda_sup * sup)
+  q, enc_stats = encode(model, variables, batch['image'], train=True)
+  terms, dec_stats = stage2_terms(model, variables, bank, batch, q, key, tau, rho, weights)
+  per_example = terms.recon + weights.lambda_sup * terms.sup
+  if terms.kl is not None:
+    per_example = per_example + weights.beta * terms.kl
+  loss = jnp.mean(per_example)
   metrics = {
     'loss': loss,
-    'recon': jnp.mean(recon),
-    'kl': jnp.mean(kl),
-    'sup': jnp.mean(sup),
-    'nelbo': jnp.mean(recon + kl),
-    'parts_drawn': jnp.mean(jnp.sum(latents.pres, axis=-1)),
+    'recon': jnp.mean(terms.recon),
+    'sup': jnp.mean(terms.sup),
+    'parts_drawn': jnp.mean(jnp.sum(terms.latents.pres, axis=-1)),
     'tau': tau,
     'rho': rho,
   }
+  if terms.kl is not None:
+    metrics['kl'] = jnp.mean(terms.kl)
+    metrics['nelbo'] = jnp.mean(terms.recon + terms.kl)
   return loss, (metrics, {'encoder': enc_stats, 'decoder': dec_stats})
 
 
@@ -282,10 +413,23 @@ def q_mode(q: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
   return q['pres'] > 0, jnp.argmax(q['where'], -1), jnp.argmax(q['what'], -1)
 
 
-def log_importance_weights(
+class ScoredSamples(NamedTuple):
+  """S hard samples z_s ~ q(z | x) of B images, scored by the model.
+
+  Per-sample arrays are flattened sample-major: row s * B + b is sample s of image b.
+  """
+
+  pres: jax.Array  # [S * B, T] bool.
+  prior_logits: dict  # The prior on each sample's history: leaves [S * B, T, ...].
+  log_q: jax.Array  # [S, B] log q(z_s | x).
+  log_pz: jax.Array  # [S, B] log p(z_s).
+  log_px: jax.Array  # [S, B] log p(x | z_s).
+
+
+def score_hard_samples(
   model: NPDraw, variables: dict, bank: jax.Array, q: dict, images: jax.Array, key, num_samples
-) -> jax.Array:
-  """log p(x | z_s) + log p(z_s) - log q(z_s | x) for S hard samples, [S, B]."""
+) -> ScoredSamples:
+  """Draws S hard samples of q (logits of images [B, H, W, C]) and scores them."""
   (pres, where, what), log_q = hard_sample(key, q, num_samples)
   canvases, maps = canvas_lib.render_steps(model.grid, bank, pres, where, what)
   flat = lambda x: x.reshape(-1, *x.shape[2:])
@@ -299,7 +443,36 @@ def log_importance_weights(
   out, _ = decode(model, variables, flat(canvases[:, :, -1]), train=False)
   repeated = jnp.broadcast_to(images, (num_samples, *images.shape))
   log_px = -distributions.nll(model.likelihood, out, flat(repeated), model.num_mixtures)
-  return (log_px + log_pz).reshape(num_samples, -1) - log_q
+  return ScoredSamples(
+    pres=flat(pres),
+    prior_logits=p,
+    log_q=log_q,
+    log_pz=log_pz.reshape(num_samples, -1),
+    log_px=log_px.reshape(num_samples, -1),
+  )
+
+
+def log_importance_weights(
+  model: NPDraw, variables: dict, bank: jax.Array, q: dict, images: jax.Array, key, num_samples
+) -> jax.Array:
+  """log p(x | z_s) + log p(z_s) - log q(z_s | x) for S hard samples, [S, B]."""
+  scored = score_hard_samples(model, variables, bank, q, images, key, num_samples)
+  return scored.log_px + scored.log_pz - scored.log_q
+
+
+def authors_log_weights(
+  model: NPDraw, variables: dict, bank: jax.Array, q: dict, images: jax.Array, key, num_samples
+) -> jax.Array:
+  """log p(x | z_s) - KL(q || p_s) for S hard samples, [S, B].
+
+  KL is the stage-2 KL (prior_kl) with p_s the prior run on the history of z_s.
+  """
+  scored = score_hard_samples(model, variables, bank, q, images, key, num_samples)
+  q_per_sample = jax.tree.map(
+    lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)).reshape(-1, *x.shape[1:]), q
+  )
+  kl = prior_kl(q_per_sample, scored.prior_logits, scored.pres.astype(jnp.float32))
+  return scored.log_px - kl.reshape(num_samples, -1)
 
 
 def iwae_bounds(
@@ -319,3 +492,31 @@ def iwae_bounds(
     sample_counts,
     chunk_size,
   )
+
+
+def authors_nll(
+  model: NPDraw,
+  variables: dict,
+  bank: jax.Array,
+  images: jax.Array,
+  key: jax.Array,
+  num_samples: int,
+  chunk_size: int,
+) -> jax.Array:
+  """The NP-DRAW authors' NLL estimate in nats per image, [B] (spec section 11).
+
+  -logmeanexp over S hard samples z_s ~ q(z | x) of log p(x | z_s) - KL(q || p_s),
+  with the analytic stage-2 KL (prior_kl) and p_s the prior on the history of
+  z_s. It is NOT a bound on -log p(x) (the KL is not log q(z_s) - log p(z_s)
+  of the sample): report it only to compare with the authors' tables, beside
+  iwae_bounds. chunk_size samples per pass; it divides num_samples.
+  """
+  q, _ = encode(model, variables, images, train=False)
+  # The same chunked -logmeanexp as the bound, over other weights.
+  estimates = losses.importance_weighted_bounds(
+    lambda k, n: authors_log_weights(model, variables, bank, q, images, k, n),
+    key,
+    (num_samples,),
+    chunk_size,
+  )
+  return estimates[f'nll_iwae_{num_samples}']

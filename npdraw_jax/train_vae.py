@@ -5,7 +5,10 @@
 reads the part bank, the parses and the trained prior, trains for
 vae.train_steps (or vae.epochs when it is 0) with checkpoints in DIR/vae/
 holding parameters, optimizer state, batch statistics, step and RNG (the data
-position is a function of the step), and logs to DIR/metrics.jsonl.
+position is a function of the step), and logs to DIR/metrics.jsonl. With
+data.holdout_size > 0 it bounds the NLL of the held-out training images at
+every checkpoint (split 'holdout') and keeps the best checkpoint in
+DIR/vae/best, which the eval stage uses.
 """
 
 import os
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from npdraw_jax import (
   checkpointing,
@@ -28,6 +32,7 @@ from npdraw_jax import (
 )
 
 STAGE = 'vae'
+HOLDOUT_METRIC = 'nll_iwae'  # The held-out bound that selects the best checkpoint.
 PARSE_KEYS = ('pres', 'where', 'what')
 
 
@@ -72,6 +77,7 @@ def checkpoint_settings(config: ml_collections.ConfigDict) -> dict:
     'model': {
       k: m[k]
       for k in (
+        'networks',
         'likelihood',
         'num_mixtures',
         'encoder_head',
@@ -121,15 +127,13 @@ def gradient_step(state: TrainState, loss_fn) -> tuple[TrainState, dict]:
 def make_train_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh, steps_per_epoch):
   """The jitted stage-2 step (state, bank, batch) -> (state, metrics)."""
   v = config.vae
-  weights = npdraw.LossWeights(
-    v.beta, v.lambda_sup, v.what_straight_through, v.pres_relaxed, v.finetune_prior
-  )
+  weights = npdraw.LossWeights.from_config(v)
 
   def train_step(state, bank, batch):
     key = jax.random.fold_in(state.rng, state.step)
     epoch = state.step // steps_per_epoch
     tau = npdraw.gumbel_temperature(epoch, v.tau0, v.tau_min, v.tau_rate)
-    rho = npdraw.teacher_forcing_rate(epoch, v.teacher_forcing_decay)
+    rho = npdraw.teacher_forcing_rate(epoch, v.teacher_forcing, v.teacher_forcing_decay)
 
     def loss_fn(params):
       variables = {'params': params, 'batch_stats': state.batch_stats}
@@ -168,6 +172,48 @@ def open_checkpoints(config, workdir) -> checkpointing.Checkpoints:
   )
 
 
+def open_best_checkpoint(workdir: str) -> checkpointing.BestCheckpoint:
+  """DIR/vae/best: the stage-2 checkpoint with the lowest held-out bound so far."""
+  return checkpointing.BestCheckpoint(os.path.join(workdir, STAGE), HOLDOUT_METRIC)
+
+
+def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestCheckpoint):
+  """state -> the held-out bound's summary; keeps the state in `best` when it is lower.
+
+  The importance-weighted bound with vae.holdout_iwae_samples hard samples,
+  computed as the eval stage computes it on the test split, over this
+  process's share of the held-out split.
+  """
+  from npdraw_jax import evaluate  # Not at the top: evaluate imports this module.
+
+  num_samples = config.vae.holdout_iwae_samples
+  evaluate.sample_chunk(num_samples, config.eval.chunk_size, 'vae.holdout_iwae_samples')
+  holdout = input_pipeline.load_split(
+    config.data, 'holdout', jax.process_index(), jax.process_count()
+  )
+  eval_step = evaluate.make_eval_step(model, mesh, (num_samples,), config.eval.chunk_size)
+
+  def evaluate_holdout(state: TrainState) -> dict[str, float]:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    summary = evaluate.test_bounds(
+      config,
+      holdout,
+      mesh,
+      lambda batch, key: eval_step(variables, bank, batch, key),
+      is_8bit=model.likelihood != 'bernoulli',
+      description=f'held-out bound (S = {num_samples})',
+    )
+    summary['holdout_images'] = summary.pop('test_images')
+    step, value = int(jax.device_get(state.step)), summary[HOLDOUT_METRIC]
+    if best.update(step, state, value):
+      logging.info(
+        'Stage %s: step %d has the best held-out %s, %.4f.', STAGE, step, HOLDOUT_METRIC, value
+      )
+    return summary
+
+  return evaluate_holdout
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or finishes training) the encoder and decoder; returns the state."""
   v = config.vae
@@ -194,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch.update(parses(batch['index']))
     return sharding.to_global(batch, mesh)
 
+  best = open_best_checkpoint(workdir) if config.data.holdout_size > 0 else None
   metrics_log = train_lib.MetricsLog(workdir, STAGE)
   state = train_lib.train_loop(
     stage=STAGE,
@@ -204,10 +251,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpoints=checkpoints,
     metrics_log=metrics_log,
     log_every=v.log_every,
-    eval_every=0,
+    eval_every=v.checkpoint_every if best else 0,
     description=f'{v.batch_size} images per step, {steps_per_epoch} steps per epoch',
-    evaluate=None,
+    evaluate=make_holdout_evaluation(config, model, bank, mesh, best) if best else None,
+    eval_split='holdout',
   )
+  if best:
+    best.close()
   checkpoints.close()
   metrics_log.close()
   return state

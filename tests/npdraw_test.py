@@ -126,7 +126,7 @@ class TrainStepTest(absltest.TestCase):
     state = jax.jit(train_vae.make_init_fn(config, model, prior_params))()
     mesh = sharding.make_mesh()
     step = train_vae.make_train_step(model, config, mesh, steps_per_epoch=100)
-    weights = npdraw.LossWeights(config.vae.beta, config.vae.lambda_sup, False, False)
+    weights = npdraw.LossWeights.from_config(config.vae)
 
     @jax.jit
     def fixed_loss(state):
@@ -195,9 +195,10 @@ class ImportanceWeightedBoundTest(absltest.TestCase):
     params['prior'] = noisy(params['prior'], jax.random.key(6))
     empty = jnp.zeros((1, 1, 16, 16, 1))
     p = model.prior.apply({'params': params['prior']}, empty, empty, jnp.arange(1))
-    head = params['encoder']['Dense_1']
-    head['kernel'][:] = 0
-    head['bias'][:] = np.concatenate([p['pres'][0], p['where'][0, 0], p['what'][0, 0]])
+    for name in ('pres', 'where', 'what'):  # The authors' encoder has one head per output.
+      head = params['encoder'][name]
+      head['kernel'][:] = 0
+      head['bias'][:] = np.ravel(p[name][0])
     out_layer = params['decoder']['Conv_0']
     out_layer['kernel'][:] = 0
     out_layer['bias'][:] = 0.7
