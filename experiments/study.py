@@ -1,0 +1,58 @@
+"""What the study runners (low_data, ablation) share: runs recorded once.
+
+A run ends by writing DIR/results.json (its record and configuration); a
+rerun under the same configuration loads it instead of training, and an
+interrupted run resumes from its artifacts and checkpoints.
+"""
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+from absl import logging
+
+from npdraw_jax import artifacts
+
+RESULTS_FILE = 'results.json'
+NPDRAW_STAGES = ('bank', 'parse', 'prior', 'vae', 'eval')
+
+
+def run_once(
+  name: str,
+  config: ml_collections.ConfigDict,
+  directory: str,
+  run_fn: Callable[[ml_collections.ConfigDict, str], dict],
+) -> dict:
+  """run_fn(config, directory)'s record, computed once per configuration.
+
+  The record written to directory/results.json is run_fn's dict plus
+  'seconds' (of the run that made it) and 'config'.
+  """
+  path = os.path.join(directory, RESULTS_FILE)
+  wanted = json.loads(config.to_json_best_effort(sort_keys=True))
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+    if record['config'] == wanted:
+      logging.info('%s: results for this configuration exist in %s; skipping.', name, path)
+      return record
+    logging.info('%s: %s was made under another configuration; rerunning.', name, path)
+  start = time.perf_counter()
+  os.makedirs(directory, exist_ok=True)
+  record = {**run_fn(config, directory), 'seconds': time.perf_counter() - start, 'config': wanted}
+  if jax.process_index() == 0:
+    artifacts.save_json(path, record)  # Whole or not at all: its presence means done.
+  return record
+
+
+def run_npdraw(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
+  """NP-DRAW's stages in order; returns the last one's (eval's) summary."""
+  from experiments import launch  # Imported here: launch imports every stage.
+
+  for name in NPDRAW_STAGES:
+    logging.info('--- NP-DRAW stage %s ---', name)
+    summary = launch.STAGES[name](config, directory)
+  return summary

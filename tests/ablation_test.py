@@ -1,0 +1,137 @@
+"""The ablation runner on the tiny config: variants, shared upstream, table.
+
+References: each run's results.json (the table must show its numbers), the
+variant table VARIANTS (each run's recorded config must differ from the
+reference's in exactly those fields), and the reference's prior files.
+"""
+
+import filecmp
+import json
+import os
+import re
+import tempfile
+
+import jax
+from absl import app
+from absl.testing import absltest
+from PIL import Image
+
+from configs import tiny
+from experiments import ablation, study
+
+VARIANTS = ('reference', 'no_prior_input_gradient', 'our_networks')
+
+
+def setUpModule():
+  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
+
+
+def _tiny_config():
+  config = tiny.get_config()
+  config.prior.train_steps = 4
+  config.prior.eval_every = 0
+  config.prior.checkpoint_every = 4
+  config.prior.num_samples = 2
+  config.vae.train_steps = 4
+  config.vae.checkpoint_every = 4
+  config.partbank.max_iters = 5
+  config.eval.iwae_samples = (1, 2)
+  config.eval.num_pictures = 2
+  return config
+
+
+def _flatten(tree, prefix=''):
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
+
+
+def _record(workdir, variant):
+  with open(os.path.join(workdir, variant, study.RESULTS_FILE)) as f:
+    return json.load(f)
+
+
+class AblationTest(absltest.TestCase):
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.config = _tiny_config()
+    cls.workdir = tempfile.mkdtemp()
+    cls.table = ablation.run(cls.config, cls.workdir, ablation.parse_variants(list(VARIANTS)))
+
+  def test_table_shows_each_runs_numbers(self):
+    with open(os.path.join(self.workdir, ablation.TABLE_FILE)) as f:
+      self.assertEqual(f.read(), self.table)
+    rows = {}
+    for line in self.table.splitlines():
+      match = re.match(
+        r'\| `(\w+)` \|[^|]*\| ([-\d.]+) ± ([\d.]+) \| ([-\d.]+) ± ([\d.]+) \|', line
+      )
+      if match:
+        rows[match[1]] = tuple(map(float, match.groups()[1:]))
+    self.assertEqual(list(rows), list(ablation.parse_variants(list(VARIANTS))))
+    for variant, (nll, nll_se, authors, authors_se) in rows.items():
+      summary = _record(self.workdir, variant)['summary']
+      self.assertAlmostEqual(summary['nll_iwae'], nll, delta=0.005)
+      self.assertAlmostEqual(summary['nll_iwae_stderr'], nll_se, delta=0.005)
+      self.assertAlmostEqual(summary['nll_authors_4'], authors, delta=0.005)
+      self.assertAlmostEqual(summary['nll_authors_4_stderr'], authors_se, delta=0.005)
+    with Image.open(os.path.join(self.workdir, ablation.PLOT_FILE)) as im:
+      self.assertEqual((im.format, im.size), ('PNG', (800, 480)))
+
+  def test_each_variant_flips_exactly_its_switches(self):
+    reference = _flatten(_record(self.workdir, 'reference')['config'])
+    for variant in VARIANTS[1:]:
+      config = _flatten(_record(self.workdir, variant)['config'])
+      changed = {k: v for k, v in config.items() if reference[k] != v}
+      expected = {k: v for k, v in ablation.VARIANTS[variant][1].items() if reference[k] != v}
+      self.assertEqual(changed, expected)
+      self.assertNotEmpty(changed)
+
+  def test_stage2_variants_share_the_reference_prior(self):
+    prior = lambda v: os.path.join(self.workdir, v, 'prior')
+    # Every checkpoint file (config.json records the run's whole config).
+    files = lambda v: sorted(
+      os.path.relpath(os.path.join(root, name), prior(v))
+      for root, _, names in os.walk(prior(v))
+      for name in names
+      if name != 'config.json'
+    )
+    self.assertEqual(files('reference'), files('no_prior_input_gradient'))
+    for name in files('reference'):
+      self.assertTrue(
+        filecmp.cmp(
+          os.path.join(prior('reference'), name),
+          os.path.join(prior('no_prior_input_gradient'), name),
+          shallow=False,
+        ),
+        name,
+      )
+    self.assertTrue(
+      filecmp.cmp(
+        os.path.join(self.workdir, 'reference', 'parses.npz'),
+        os.path.join(self.workdir, 'no_prior_input_gradient', 'parses.npz'),
+        shallow=False,
+      )
+    )
+    # Other networks train their own prior.
+    with open(os.path.join(prior('our_networks'), 'settings.json')) as f:
+      ours = json.load(f)
+    with open(os.path.join(prior('reference'), 'settings.json')) as f:
+      self.assertNotEqual(json.load(f), ours)
+
+  def test_rerun_reads_results_back(self):
+    metrics = os.path.join(self.workdir, 'our_networks', 'metrics.jsonl')
+    mtime = os.path.getmtime(metrics)
+    variants = ablation.parse_variants(list(VARIANTS))
+    self.assertEqual(ablation.run(self.config, self.workdir, variants), self.table)
+    self.assertEqual(os.path.getmtime(metrics), mtime)
+
+  def test_unknown_variant_is_a_usage_error(self):
+    with self.assertRaisesRegex(app.UsageError, 'our_netwroks'):
+      ablation.parse_variants(['our_netwroks'])
+    self.assertEqual(ablation.parse_variants(['our_networks'])[0], 'reference')
+
+
+if __name__ == '__main__':
+  absltest.main()
