@@ -206,7 +206,8 @@ def main(argv):
   launch.prepare(config)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  table = run(config, workdir, variants)
+  with launch.hold_workdir(workdir):
+    table = run(config, workdir, variants)
   logging.info(
     'Done in %.1f min: %s in %s.\n%s',
     (time.perf_counter() - start) / 60,
@@ -216,7 +217,7 @@ def main(argv):
   )
 
 
-if __name__ == '__main__':
+def define_flags():
   config_flags.DEFINE_config_file(
     'config',
     os.path.join(os.path.dirname(configs.__file__), 'ablation.py'),
@@ -226,4 +227,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Directory for the runs, the table and the plot.')
   flags.DEFINE_list('variants', list(VARIANTS), 'Variants to run (the reference always runs).')
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+
+
+if __name__ == '__main__':
+  launch.run_app(main, define_flags)

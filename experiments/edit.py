@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import launch
 from npdraw_jax import (
   checkpointing,
   editing,
@@ -77,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  launch.run_app(main)

@@ -1,22 +1,33 @@
-"""Shared command line of the experiments: flags, stage checks, dispatch.
+"""Shared command line of the experiments: flags, stage checks, dispatch, errors.
 
   python -m experiments.<dataset> --workdir=DIR [--config=FILE]
-      [--config.FIELD=VALUE ...] [--stages=bank,parse,...]
+      [--config.FIELD=VALUE ...] [--stages=bank,parse,...] [--verbose]
 
 The stages run in the order given; each skips itself when its artifact in DIR
-is current for the configuration.
+is current for the configuration. One run at a time holds DIR (a lock on
+DIR/.lock, taken by process 0); a second one stops at once. A user error (a
+bad flag or config field, unusable data, checkpoints of other settings, a
+missing earlier stage, a full disk, a workdir held by another run) ends the
+command with one line on stderr and exit status 2; --verbose (or
+NPDRAW_VERBOSE=1) prints its traceback first. Anything else is a bug and ends
+with Python's traceback.
 """
 
+import contextlib
+import errno
 import logging as python_logging
 import os
-from collections.abc import Callable
+import sys
+import traceback
+from collections.abc import Callable, Iterator
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from npdraw_jax import evaluate, pipeline, train_prior, train_vae
+from npdraw_jax import errors, evaluate, pipeline, train_prior, train_vae, workdir_lock
 
 # Stage name -> function(config, workdir). Later stages join as they land.
 STAGES: dict[str, Callable] = {
@@ -27,15 +38,18 @@ STAGES: dict[str, Callable] = {
   'eval': evaluate.run,
 }
 DEFAULT_STAGES = tuple(STAGES)
+USER_ERROR_STATUS = 2  # The exit status of a user error, as for a command-line mistake.
+VERBOSE_ENV = 'NPDRAW_VERBOSE'  # Set to 1: user errors print their traceback too.
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def check_stages(names: list[str]) -> list[str]:
   """Fails clearly on an unknown stage, before any work."""
   for name in names:
     if name not in STAGES:
-      raise app.UsageError(f'Unknown stage {name!r}; stages: {",".join(STAGES)}.')
+      raise errors.ConfigError(f'Unknown stage {name!r} in --stages; stages: {",".join(STAGES)}.')
   if not names:
-    raise app.UsageError('--stages is empty.')
+    raise errors.ConfigError('--stages is empty.')
   return names
 
 
@@ -69,13 +83,168 @@ def prepare(config) -> None:
   )
 
 
+# --- User errors as one line ----------------------------------------------------
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """error, then the exceptions it was raised from or while handling, innermost last."""
+  chain = []
+  while error is not None and all(error is not e for e in chain):
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def _one_line(text: str) -> str:
+  return ' '.join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _disk_full_message(error: BaseException) -> str | None:
+  """The message for a full disk anywhere in error's chain, else None.
+
+  Checkpoint writers may wrap the OSError in their own exception, keeping only
+  its text, hence the text match beside the errno.
+  """
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+      where = f' writing {e.filename}' if e.filename else ''
+      reason = f'{e.strerror}{where}'
+      break
+    if os.strerror(errno.ENOSPC) in str(e):
+      reason = os.strerror(errno.ENOSPC)
+      break
+  else:
+    return None
+  return (
+    f'The disk is full ({reason}). Free space or use a --workdir on a disk with room, then '
+    'rerun the same command: finished stages and the last checkpoint are kept.'
+  )
+
+
+def user_error_message(error: BaseException) -> str | None:
+  """The one-line message of a user error, or None when error is a bug."""
+  if isinstance(error, (errors.UserError, app.UsageError, flags.Error)):
+    return _one_line(str(error))
+  return _disk_full_message(error)
+
+
+def _command_line_error_message(error: BaseException) -> str | None:
+  """The one-line message of a failure to parse the flags or load the config file.
+
+  config_flags looks each --config.FIELD override up in the config file's
+  config: an unknown field is a KeyError (an AttributeError around it); a
+  config file that fails to load is an OSError or a ValueError.
+  """
+  chain = _chain(error)
+  unknown = [e for e in chain if isinstance(e, KeyError)]
+  if unknown:
+    field = str(unknown[-1].args[0])  # The innermost holds the bare name.
+    # Every flag --config.A.B... naming that field; sys.argv: the flags never parsed.
+    named = [
+      a.split('=')[0]
+      for a in sys.argv[1:]
+      if a.lstrip('-').startswith('config.') and field in a.split('=')[0].split('.')[1:]
+    ]
+    hints = [
+      line for e in unknown for line in str(e.args[0]).splitlines() if 'Did you mean' in line
+    ]
+    return ' '.join(
+      [
+        f'Unknown config field {field!r}' + (f' in {", ".join(named)}.' if named else '.'),
+        *hints[:1],
+        'Every field is listed, with a comment, in configs/default.py.',
+      ]
+    )
+  if isinstance(error, (flags.Error, OSError, ValueError)):
+    text = str(error)
+    if 'Traceback (most recent call last)' in text:
+      # A config file's get_config failed: its own message is the last in the chain.
+      return f'{_one_line(text.splitlines()[0])} {_one_line(str(chain[-1]))}'
+    return _one_line(text)
+  return user_error_message(error)
+
+
+def _verbose() -> bool:
+  """Whether user errors show their traceback: --verbose or NPDRAW_VERBOSE=1."""
+  if os.environ.get(VERBOSE_ENV, '0') not in ('', '0'):
+    return True
+  if flags.FLAGS.is_parsed() and 'verbose' in flags.FLAGS:
+    return flags.FLAGS.verbose
+  return '--verbose' in sys.argv[1:]  # The flags failed to parse.
+
+
+@contextlib.contextmanager
+def _user_errors_end_the_command(
+  message_of: Callable[[BaseException], str | None],
+) -> Iterator[None]:
+  """A user error (message_of gives its message) becomes one line on stderr and
+  exit status 2; any other exception propagates unchanged."""
+  try:
+    yield
+  except Exception as error:
+    message = message_of(error)
+    if message is None:
+      raise
+    if _verbose():
+      traceback.print_exc()
+    sys.stderr.write(f'Error: {message}\n')
+    sys.exit(USER_ERROR_STATUS)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with the config file loaded now: a failure to load
+  it would otherwise only surface at the config's first use."""
+  with _user_errors_end_the_command(_command_line_error_message):
+    argv = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS and not isinstance(flags.FLAGS.config, ml_collections.ConfigDict):
+      flags.FLAGS.config.to_dict()  # config_flags' stand-in raises the load failure on use.
+  return argv
+
+
+def hold_workdir(workdir: str) -> contextlib.AbstractContextManager:
+  """The workdir's lock for a with block around a run's work; only process 0
+  of a run takes it, so the processes of one distributed run do not refuse
+  each other."""
+  if jax.process_index() == 0:
+    return workdir_lock.held(workdir)
+  return contextlib.nullcontext()
+
+
+def run_app(main: Callable[[list[str]], None], define_flags: Callable[[], None] = lambda: None):
+  """app.run(main) for every command of the project: define_flags() defines the
+  flags beyond --verbose; a user error in it, in parsing or in main is one line
+  on stderr and exit status 2.
+
+  DEFINE_config_file parses the default config file and the --config.FIELD
+  overrides at once, hence define_flags runs under the same reporting.
+  """
+  flags.DEFINE_bool(
+    'verbose', False, f'Print the traceback of a user error too (or set {VERBOSE_ENV}=1).'
+  )
+  with _user_errors_end_the_command(_command_line_error_message):
+    define_flags()
+
+  def reporting_main(argv):
+    with _user_errors_end_the_command(user_error_message):
+      main(argv)
+
+  app.run(reporting_main, flags_parser=_parse_flags)
+
+
+# --- The pipeline command ---------------------------------------------------------
+
+
 def run(config_name: str) -> None:
   """Defines the flags with configs/<config_name>.py as default and runs."""
-  default_config = os.path.join(os.path.dirname(configs.__file__), f'{config_name}.py')
-  config_flags.DEFINE_config_file('config', default_config, 'Configuration file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Directory for artifacts and checkpoints.')
-  flags.DEFINE_list('stages', list(DEFAULT_STAGES), 'Stages to run, in order.')
-  flags.mark_flag_as_required('workdir')
+
+  def define_flags():
+    default_config = os.path.join(os.path.dirname(configs.__file__), f'{config_name}.py')
+    config_flags.DEFINE_config_file(
+      'config', default_config, 'Configuration file.', lock_config=True
+    )
+    flags.DEFINE_string('workdir', None, 'Directory for artifacts and checkpoints.')
+    flags.DEFINE_list('stages', list(DEFAULT_STAGES), 'Stages to run, in order.')
+    flags.mark_flag_as_required('workdir')
 
   def main(argv):
     if len(argv) > 1:
@@ -85,9 +254,10 @@ def run(config_name: str) -> None:
     workdir = os.path.abspath(flags.FLAGS.workdir)
     prepare(config)
     os.makedirs(workdir, exist_ok=True)
-    for name in stages:
-      logging.info('=== Stage %s ===', name)
-      STAGES[name](config, workdir)
+    with hold_workdir(workdir):
+      for name in stages:
+        logging.info('=== Stage %s ===', name)
+        STAGES[name](config, workdir)
     logging.info('Done: %s in %s.', ','.join(stages), workdir)
 
-  app.run(main)
+  run_app(main, define_flags)

@@ -16,11 +16,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from npdraw_jax import errors
+
 SETTINGS_FILE = 'settings.json'
 CONFIG_FILE = 'config.json'  # The whole configuration of the latest run, for reference.
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.UserError, ValueError):
   """The checkpoints on disk were made under other settings."""
 
 
@@ -171,9 +173,12 @@ class BestCheckpoint:
 
 
 def read_config(directory: str) -> ml_collections.ConfigDict:
-  """The configuration a stage wrote beside its checkpoints in `directory`."""
+  """The configuration a stage wrote beside its checkpoints in DIR/STAGE."""
   path = os.path.join(os.path.abspath(directory), CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'No {CONFIG_FILE} in {directory}: has that stage run there?')
+    workdir, stage = os.path.split(os.path.abspath(directory))
+    raise errors.MissingArtifactError(
+      f'{path} is missing: run the {stage} stage in {workdir} first.'
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))

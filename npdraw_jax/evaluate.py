@@ -29,6 +29,7 @@ from tqdm import tqdm
 from npdraw_jax import canvas as canvas_lib
 from npdraw_jax import (
   distributions,
+  errors,
   fid,
   input_pipeline,
   npdraw,
@@ -78,14 +79,14 @@ def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, mesh)
   The state is the VAE checkpoint with the best held-out bound when
   data.holdout_size > 0 and one was kept, else the last; the log says which.
   """
+  # The parses list every training example: no need to load the images.
+  num_train = len(train_prior.load_parses(config, workdir, 'train')['pres'])
   model = npdraw.make_model(config)
   prior_params = train_prior.restore_trained_params(config, workdir, mesh)
   checkpoints = train_vae.open_checkpoints(config, workdir)
-  # The parses list every training example: no need to load the images.
-  num_train = len(train_prior.load_parses(config, workdir, 'train')['pres'])
   wanted = train_vae.num_train_steps(config, num_train)
   if (checkpoints.latest_step() or 0) < wanted:
-    raise FileNotFoundError(
+    raise errors.MissingArtifactError(
       f'The eval stage needs the VAE trained to step {wanted} in {checkpoints.directory} '
       f'(found: {checkpoints.latest_step()}): run the vae stage first.'
     )

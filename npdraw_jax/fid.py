@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from npdraw_jax import errors
 from npdraw_jax.models import inception
 
 INPUT_SIZE = 299
@@ -45,14 +46,14 @@ def save_inception(path: str, variables: dict) -> None:
 def load_inception(path: str) -> dict:
   """The FID Inception variables {'params', 'batch_stats'} from a converted .npz file."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.MissingArtifactError(
       f"No FID Inception weights at {path!r}. Convert pytorch-fid's weights with: {CONVERT_COMMAND}"
     )
   try:
     with np.load(path) as data:
       flat = {k: data[k] for k in data.files}
   except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise ValueError(
+    raise errors.ConfigError(
       f'{path!r} is not an .npz of FID Inception weights ({e}). Make one with: {CONVERT_COMMAND}'
     ) from e
   variables = traverse_util.unflatten_dict(flat, sep='/')

@@ -13,6 +13,7 @@ Batches hold 'image' [B, H, W, C] and 'canvas_image' [B, Hc, Wc, C], float32 in
 import concurrent.futures
 import dataclasses
 import itertools
+import math
 import os
 from collections.abc import Iterator
 
@@ -21,6 +22,8 @@ import numpy as np
 import tqdm
 from absl import logging
 from PIL import Image
+
+from npdraw_jax import errors
 
 TFDS_DATASETS = ('mnist', 'binarized_mnist', 'omniglot', 'cifar10', 'celeb_a')
 BINARIZE_MODES = ('dynamic', 'threshold', 'none')
@@ -37,7 +40,7 @@ _PROGRESS_MIN = 2000  # Loads shorter than this many images show no bar.
 _ORDER, _TRAIN_NOISE, _EVAL_NOISE, _SUBSET, _HOLDOUT = 1, 2, 3, 4, 5
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """A user-facing data problem; the message says what to do."""
 
 
@@ -283,21 +286,83 @@ def folder_test_mask(num_files: int, test_fraction: float) -> np.ndarray:
   return np.floor((i + 1) * test_fraction) > np.floor(i * test_fraction)
 
 
-def _decode_file(path: str, data: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray] | str:
-  """One file -> (image, canvas) without the batch axis, or why it is unreadable."""
+# Pillow's modes of 16-bit grey files; their levels span 0..65535.
+_SIXTEEN_BIT_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+_GREY_MODES = ('1', 'L', 'LA', 'La')
+_ALPHA_MODES = ('LA', 'La', 'PA', 'RGBA', 'RGBa')
+
+
+def _on_black(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+  """uint8 colour [h, w, c] composited on black with alpha [h, w]: round(c * a / 255).
+
+  c * a / 255 is never a half-integer (255 is odd), so rounding half up is exact.
+  """
+  product = colour.astype(np.int64) * alpha[..., None].astype(np.int64)
+  return ((product + 127) // 255).astype(np.uint8)
+
+
+def _pixels(pil: Image.Image) -> np.ndarray:
+  """A decoded file -> uint8 [h, w, 1] (grey files) or [h, w, 3] on the 8-bit grid.
+
+  16-bit levels v become round(v * 255 / 65535) = round(v / 257) (Pillow's own
+  conversion saturates them at 255); transparent pixels are composited on black.
+  """
+  if pil.mode in _SIXTEEN_BIT_MODES:
+    levels = np.asarray(pil, np.int64)
+    # v / 257 is never a half-integer, so floor((v + 128) / 257) rounds it exactly.
+    grey = ((levels + 128) // 257).astype(np.uint8)[..., None]
+    if 'transparency' not in pil.info:
+      return grey
+    # A 16-bit grey file marks one level as fully transparent.
+    return _on_black(grey, np.where(levels == pil.info['transparency'], 0, 255))
+  grey = pil.mode in _GREY_MODES
+  if pil.mode in _ALPHA_MODES or 'transparency' in pil.info:
+    # Pillow turns palette and colour-key transparency into an alpha channel.
+    with_alpha = np.asarray(pil.convert('LA' if grey else 'RGBA'))
+    return _on_black(with_alpha[..., :-1], with_alpha[..., -1])
+  pixels = np.asarray(pil.convert('L' if grey else 'RGB'))
+  return pixels[..., None] if grey else pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+  image: np.ndarray  # uint8 [H, W, C]
+  canvas: np.ndarray  # uint8 [Hc, Wc, C]
+  cropped_to_square: bool
+
+
+def _decode_file(path: str, data: ml_collections.ConfigDict) -> _Decoded | str:
+  """One file -> its preprocessed image and canvas, or why it is unreadable.
+
+  Without data.center_crop a non-square image is centre-cropped to a square
+  (an odd margin leaves the extra row/column at the bottom/right, as in
+  preprocess) rather than squashed by the resize.
+  """
   try:
     with Image.open(path) as pil:
-      raw = np.asarray(pil.convert('L' if data.channels == 1 else 'RGB'))
+      pixels = _pixels(pil)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     return f'{path} ({e})'
-  image, canvas = preprocess(raw.reshape(*raw.shape[:2], data.channels)[None], data)
-  return image[0], canvas[0]
+  h, w, c = pixels.shape
+  cropped = not data.center_crop and h != w
+  if cropped:
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    pixels = pixels[top : top + side, left : left + side]
+  if c == 1 and data.channels == 3:
+    pixels = np.repeat(pixels, 3, axis=-1)  # A grey file among colour ones.
+  image, canvas = preprocess(np.ascontiguousarray(pixels)[None], data)
+  return _Decoded(image[0], canvas[0], cropped)
 
 
 def _load_folder(
   data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Image files directly in PATH, sorted by name; ids are sorted positions."""
+  """Image files directly in PATH, sorted by name; ids are sorted positions.
+
+  Any Pillow mode reads onto the 8-bit grid: 16-bit levels scaled, transparency
+  composited on black, non-square images centre-cropped (see _decode_file).
+  """
   path = data.source[len('folder:') :]
   if not os.path.isdir(path):
     raise DataError(f'data.source folder {path!r} does not exist or is not a directory.')
@@ -309,6 +374,18 @@ def _load_folder(
   if not names:
     raise DataError(f'data.source folder {path!r} holds no {"/".join(IMAGE_EXTENSIONS)} files.')
   is_test = folder_test_mask(len(names), data.folder_test_fraction)
+  if split == 'test' and not is_test.any():
+    n = len(names)
+    # The smallest fraction in steps of 0.001 that gives one test file.
+    remedy = (
+      f'add images or raise data.folder_test_fraction to {math.ceil(1000 / n) / 1000} or more'
+      if n > 1
+      else 'add images: one is needed for training and one for test'
+    )
+    raise DataError(
+      f'data.source folder {path!r} is too small for a test split: {n} image file(s) times '
+      f'data.folder_test_fraction = {data.folder_test_fraction} is less than one file; {remedy}.'
+    )
   ids = np.flatnonzero(is_test if split == 'test' else ~is_test)
   start, stop = _shard(ids.shape[0], process_index, process_count)
   ids = ids[start:stop]
@@ -330,9 +407,19 @@ def _load_folder(
   keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
   if not keep:
     raise DataError(f'None of the {len(files)} {split} files in {path!r} is readable.')
-  images = np.stack([decoded[i][0] for i in keep])
+  cropped = sum(decoded[i].cropped_to_square for i in keep)
+  if cropped:
+    logging.info(
+      'Centre-cropped %d of the %d %s images in %s to squares (data.center_crop = 0), '
+      'so that resizing does not squash them.',
+      cropped,
+      len(keep),
+      split,
+      path,
+    )
+  images = np.stack([decoded[i].image for i in keep])
   same = data.canvas_size == data.image_size  # load_split aliases them then.
-  canvases = images if same else np.stack([decoded[i][1] for i in keep])
+  canvases = images if same else np.stack([decoded[i].canvas for i in keep])
   return images, canvases, ids[keep].astype(np.int64)
 
 

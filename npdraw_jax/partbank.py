@@ -10,6 +10,7 @@ patches.
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Iterator
 
 import chex
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npdraw_jax import artifacts
+from npdraw_jax import artifacts, errors
 
 # Up to this many candidate patches, sample them without replacement from an
 # explicit permutation; beyond it, draw positions at random in chunks.
@@ -296,7 +297,11 @@ def save(path: str, bank: PartBank) -> None:
 
 
 def load(path: str) -> PartBank:
-  """Reads a bank written by `save`."""
+  """Reads a bank written by `save`; a MissingArtifactError when there is none."""
+  if not os.path.exists(path):
+    raise errors.MissingArtifactError(
+      f'{path} is missing: run the bank stage first (--stages=bank).'
+    )
   with np.load(path) as f:
     return PartBank(
       parts=f['parts'],

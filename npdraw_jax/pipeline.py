@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from npdraw_jax import artifacts, input_pipeline, parsing, partbank, pictures
+from npdraw_jax import artifacts, errors, input_pipeline, parsing, partbank, pictures
 from npdraw_jax import canvas as canvas_lib
 
 PARTBANK_FILE = 'partbank.npz'
@@ -115,7 +115,7 @@ def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.n
       return dict(f)
   bank_path = os.path.join(workdir, PARTBANK_FILE)
   if not artifacts.is_current(bank_path, bank_settings(config)):
-    raise FileNotFoundError(
+    raise errors.MissingArtifactError(
       f'Stage parse needs the part bank of this configuration at {bank_path}: '
       'run the bank stage first (--stages=bank,parse).'
     )

@@ -21,6 +21,7 @@ from absl import logging
 from npdraw_jax import (
   artifacts,
   checkpointing,
+  errors,
   input_pipeline,
   losses,
   partbank,
@@ -42,9 +43,9 @@ def load_parses(config: ml_collections.ConfigDict, workdir: str, split: str) -> 
   """{'pres', 'where', 'what'} [N, T] of a split, checked against the config."""
   path = os.path.join(workdir, pipeline.PARSES_FILE)
   if not artifacts.is_current(path, pipeline.parse_settings(config)):
-    raise FileNotFoundError(
-      f'Stage {STAGE} needs the parses of this configuration at {path}: run the bank '
-      'and parse stages first (--stages=bank,parse,prior).'
+    raise errors.MissingArtifactError(
+      f'{path} is missing or was made under other settings: run the bank and parse '
+      'stages first (--stages=bank,parse).'
     )
   with np.load(path) as f:
     return {k: f[f'{split}_{k}'] for k in SEQUENCE_KEYS}
@@ -174,7 +175,7 @@ def restore_trained_params(config: ml_collections.ConfigDict, workdir: str, mesh
   checkpoints = open_checkpoints(config, workdir, grid)
   step = checkpoints.latest_step()
   if step is None or step < config.prior.train_steps:
-    raise FileNotFoundError(
+    raise errors.MissingArtifactError(
       f'The later stages need the prior trained to step {config.prior.train_steps} in '
       f'{checkpoints.directory} (found: {step}): run the prior stage first.'
     )
@@ -196,9 +197,9 @@ def _rows_of_process(*arrays: np.ndarray):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_lib.TrainState:
   """Trains (or finishes training) the prior; returns the final state."""
   grid = pipeline.grid_from_config(config)
-  bank_host = partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts
-  train_parses = load_parses(config, workdir, 'train')
+  train_parses = load_parses(config, workdir, 'train')  # Current parses imply a current bank.
   test_parses = load_parses(config, workdir, 'test')
+  bank_host = partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts
   p = config.prior
   sharding.check_batch_size(p.batch_size, 'prior.batch_size')
   mesh = sharding.make_mesh()

@@ -217,12 +217,12 @@ def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestC
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or finishes training) the encoder and decoder; returns the state."""
   v = config.vae
+  train_prior.load_parses(config, workdir, 'train')  # Fails clearly when missing or stale.
   local_batch = sharding.check_batch_size(v.batch_size, 'vae.batch_size')
   mesh = sharding.make_mesh()
   bank = sharding.replicate(
     jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
   )
-  train_prior.load_parses(config, workdir, 'train')  # Fails clearly when stale.
   parses = ParseLookup(os.path.join(workdir, pipeline.PARSES_FILE), 'train')
   train = input_pipeline.load_split(config.data, 'train', jax.process_index(), jax.process_count())
   steps_per_epoch = input_pipeline.steps_per_epoch(train.num_examples, local_batch)

@@ -445,6 +445,126 @@ class FolderTest(absltest.TestCase):
       input_pipeline.load_split(data, 'train')
 
 
+def _crop_square(pixels):
+  """The centred square of an [h, w, ...] array; an odd margin's extra line at the bottom/right."""
+  h, w = pixels.shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  return pixels[top : top + side, left : left + side]
+
+
+def _composite_on_black(colour, alpha):
+  return np.round(colour.astype(np.float64) * alpha[..., None] / 255.0)
+
+
+def _mode_case(mode, rng):
+  """(Pillow image of `mode`, expected uint8 [h, w, C] in NumPy, data.channels)."""
+  grey = rng.integers(0, 256, (6, 4), dtype=np.uint8)  # Portrait.
+  rgb = rng.integers(0, 256, (4, 7, 3), dtype=np.uint8)  # Landscape.
+  alpha_portrait = rng.integers(0, 256, (6, 4), dtype=np.uint8)
+  alpha_landscape = rng.integers(0, 256, (4, 7), dtype=np.uint8)
+  alpha_landscape[0, :2] = (0, 255)  # Both extremes present.
+  if mode == 'L':
+    return Image.fromarray(grey), grey[..., None], 1
+  if mode == 'LA':
+    pil = Image.fromarray(np.stack([grey, alpha_portrait], -1), 'LA')
+    return pil, _composite_on_black(grey[..., None], alpha_portrait), 1
+  if mode == 'RGB':
+    return Image.fromarray(rgb), rgb, 3
+  if mode in ('RGBA', 'RGBA as grey'):
+    pil = Image.fromarray(np.concatenate([rgb, alpha_landscape[..., None]], -1), 'RGBA')
+    composite = _composite_on_black(rgb, alpha_landscape)
+    if mode == 'RGBA':
+      return pil, composite, 3
+    # Pillow's RGB -> L: ITU-R 601-2 luma in 16-bit fixed point, rounded.
+    r, g, b = composite.astype(np.int64).transpose(2, 0, 1)
+    return pil, ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16)[..., None], 1
+  if mode == 'P':
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    indices = rng.integers(0, 16, (4, 7), dtype=np.uint8)
+    indices[0, 0] = 3  # The transparent entry occurs.
+    pil = Image.fromarray(indices, 'P')
+    pil.putpalette(palette.ravel().tolist())
+    pil.info['transparency'] = 3
+    colour = palette[indices]
+    return pil, np.where((indices == 3)[..., None], 0, colour), 3
+  if mode == '1':
+    bits = rng.random((6, 4)) < 0.5
+    return Image.fromarray(bits), np.where(bits, 255, 0)[..., None], 1
+  if mode == 'I;16':
+    levels = rng.integers(0, 65536, (6, 4), dtype=np.uint16)
+    levels[0, :4] = (0, 128, 129, 65535)  # 128 -> 0, 129 -> 1: the rounding edge.
+    return Image.fromarray(levels), np.round(levels * 255.0 / 65535.0)[..., None], 1
+  raise AssertionError(mode)
+
+
+class FolderModeTest(parameterized.TestCase):
+  """Each Pillow mode through a PNG file and load_split against NumPy arithmetic.
+
+  Non-square files are centre-cropped to 4 x 4, so the pixels reach the split
+  unresized: 16-bit levels scale to round(v * 255 / 65535), alpha composites on black.
+  """
+
+  def _folder(self):
+    folder = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, folder)
+    return folder
+
+  @parameterized.named_parameters(
+    ('L', 'L'),
+    ('LA', 'LA'),
+    ('RGB', 'RGB'),
+    ('RGBA', 'RGBA'),
+    ('RGBA_as_grey', 'RGBA as grey'),
+    ('P', 'P'),
+    ('1bit', '1'),
+    ('I16', 'I;16'),
+  )
+  def test_mode_against_numpy(self, mode):
+    folder = self._folder()
+    pil, want, channels = _mode_case(mode, np.random.default_rng(len(mode)))
+    pil.save(os.path.join(folder, 'image.png'))
+    with Image.open(os.path.join(folder, 'image.png')) as reread:
+      self.assertEqual(reread.mode, mode.split()[0])  # The file really has this mode.
+    data = _data(
+      source=f'folder:{folder}',
+      channels=channels,
+      image_size=4,
+      canvas_size=4,
+      binarize='none',
+      folder_test_fraction=0.1,  # One file: no test file, it is the training split.
+    )
+    with self.assertLogs(level='INFO') as logs:
+      train = input_pipeline.load_split(data, 'train')
+    self.assertTrue(
+      any('Centre-cropped 1 of the 1 train images' in line for line in logs.output), logs.output
+    )
+    self.assertEqual(train.images.shape, (1, 4, 4, channels))
+    np.testing.assert_array_equal(train.images[0], _crop_square(want).astype(np.uint8))
+
+  def test_square_images_are_not_reported_cropped(self):
+    folder = self._folder()
+    Image.new('L', (4, 4), 9).save(os.path.join(folder, 'square.png'))
+    data = _data(source=f'folder:{folder}', image_size=4, canvas_size=4, binarize='none')
+    with self.assertLogs(level='INFO') as logs:
+      input_pipeline.load_split(data, 'train')
+    self.assertFalse(any('Centre-cropped' in line for line in logs.output), logs.output)
+
+  def test_folder_too_small_for_a_test_split(self):
+    folder = self._folder()
+    for k in range(3):
+      Image.new('L', (4, 4), k).save(os.path.join(folder, f'{k}.png'))
+    data = _data(source=f'folder:{folder}', folder_test_fraction=0.2)
+    with self.assertRaises(DataError) as caught:
+      input_pipeline.load_split(data, 'test')
+    message = str(caught.exception)
+    for needle in (folder, '3 image file', 'data.folder_test_fraction = 0.2', 'too small'):
+      self.assertIn(needle, message)
+    # The suggested fraction does give a test file.
+    data.folder_test_fraction = 0.334
+    self.assertEqual(input_pipeline.load_split(data, 'test').num_examples, 1)
+
+
 class ErrorTest(parameterized.TestCase):
   @parameterized.named_parameters(
     ('unknown_source', dict(source='s3'), 'tfds, embedded or folder:PATH'),
