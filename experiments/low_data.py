@@ -18,7 +18,6 @@ interrupted one resumes from its artifacts and checkpoints. Finally
 DIR/low_data.md holds the table and DIR/low_data.png the plot.
 """
 
-import json
 import os
 import time
 
@@ -29,13 +28,12 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 import configs
-from experiments import launch
-from npdraw_jax import artifacts, baseline_vae, input_pipeline, train_vae
+from experiments import launch, study
+from npdraw_jax import baseline_vae, input_pipeline, train_vae
 
-RESULTS_FILE = 'results.json'
+RESULTS_FILE = study.RESULTS_FILE
 TABLE_FILE = 'low_data.md'
 PLOT_FILE = 'low_data.png'
-NPDRAW_STAGES = ('bank', 'parse', 'prior', 'vae', 'eval')
 # Method -> its name in the table and plot.
 METHODS = {'npdraw': 'NP-DRAW', 'vae': 'VAE'}
 PLOT_SIZE = (6.4, 4.8)  # Inches at PLOT_DPI: 640 x 480 pixels.
@@ -65,59 +63,39 @@ def run_dir(workdir: str, method: str, fraction: float) -> str:
   return os.path.join(workdir, method, f'fraction_{fraction:g}')
 
 
-def _run_npdraw(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
-  """NP-DRAW's stages in order; the last, eval, gives the summary."""
-  for name in NPDRAW_STAGES:
-    logging.info('--- NP-DRAW stage %s ---', name)
-    summary = launch.STAGES[name](config, directory)
-  return summary
-
-
 def _run_baseline(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
   """The baseline's training, then its evaluation summary."""
   baseline_vae.train_and_evaluate(config, directory)
   return baseline_vae.run_eval(config, directory)
 
 
-_RUNNERS = {'npdraw': _run_npdraw, 'vae': _run_baseline}
+_RUNNERS = {'npdraw': study.run_npdraw, 'vae': _run_baseline}
 
 
 def run_method(method: str, config: ml_collections.ConfigDict, directory: str) -> dict:
   """Trains and evaluates one method under config in directory, or loads its results.
 
-  Returns the record written to directory/results.json: 'method', 'fraction',
-  'train_examples', 'train_steps', 'seconds' (of the run that made it),
-  'summary' (the evaluation's) and 'config'.
+  Returns the record of directory/results.json (study.run_once): 'method',
+  'fraction', 'train_examples', 'train_steps', 'summary' (the evaluation's),
+  'seconds' and 'config'.
   """
-  path = os.path.join(directory, RESULTS_FILE)
-  wanted = json.loads(config.to_json_best_effort(sort_keys=True))
-  if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
-    if record['config'] == wanted:
-      logging.info('%s: results for this configuration exist in %s; skipping.', method, path)
-      return record
-    logging.info('%s: %s was made under another configuration; rerunning.', method, path)
-  start = time.perf_counter()
-  os.makedirs(directory, exist_ok=True)
-  summary = _RUNNERS[method](config, directory)
-  train_examples = input_pipeline.load_split(config.data, 'train').num_examples
-  if method == 'vae':
-    train_steps = config.baseline.train_steps
-  else:
-    train_steps = train_vae.num_train_steps(config, train_examples)
-  record = {
-    'method': method,
-    'fraction': config.data.train_fraction,
-    'train_examples': train_examples,
-    'train_steps': train_steps,
-    'seconds': time.perf_counter() - start,
-    'summary': summary,
-    'config': wanted,
-  }
-  if jax.process_index() == 0:
-    artifacts.save_json(path, record)  # Whole or not at all: its presence means done.
-  return record
+
+  def run_fn(config, directory):
+    summary = _RUNNERS[method](config, directory)
+    train_examples = input_pipeline.load_split(config.data, 'train').num_examples
+    if method == 'vae':
+      train_steps = config.baseline.train_steps
+    else:
+      train_steps = train_vae.num_train_steps(config, train_examples)
+    return {
+      'method': method,
+      'fraction': config.data.train_fraction,
+      'train_examples': train_examples,
+      'train_steps': train_steps,
+      'summary': summary,
+    }
+
+  return study.run_once(method, config, directory, run_fn)
 
 
 def _cell(summary: dict) -> str:
@@ -204,7 +182,8 @@ def main(argv):
   launch.prepare(config)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  table = run(config, workdir, fractions)
+  with launch.hold_workdir(workdir):
+    table = run(config, workdir, fractions)
   logging.info(
     'Done in %.1f min: %s and %s in %s.\n%s',
     (time.perf_counter() - start) / 60,
@@ -215,7 +194,7 @@ def main(argv):
   )
 
 
-if __name__ == '__main__':
+def define_flags():
   config_flags.DEFINE_config_file(
     'config',
     os.path.join(os.path.dirname(configs.__file__), 'low_data.py'),
@@ -225,4 +204,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Directory for the runs, the table and the plot.')
   flags.DEFINE_list('fractions', ['0.05', '0.2', '1.0'], 'Shares of the training split.')
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+
+
+if __name__ == '__main__':
+  launch.run_app(main, define_flags)
