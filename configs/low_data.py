@@ -4,7 +4,7 @@
 
 NP-DRAW as configs/mnist_demo.py (the MNIST reference structure and the
 authors' network family and stage 2, at CPU-demo widths, 500 training digits
-held out for model selection) with 600 prior steps and 800 stage-2 steps of
+held out for model selection) with 600 prior steps and 500 stage-2 steps of
 64 images; the baseline VAE (the flax examples' MLP VAE) trains for 4,000
 steps of 100 images, where it has nearly converged on the whole split. Both
 are evaluated with S = 100.
@@ -18,8 +18,8 @@ from configs import mnist_demo
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """mnist_demo with step budgets for three fractions and two methods."""
   config = mnist_demo.get_config(arg)
-  config.vae.train_steps = 800
-  config.vae.checkpoint_every = 200
+  config.vae.train_steps = 500
+  config.vae.checkpoint_every = 100
   config.baseline.train_steps = 4000
   config.eval.authors_samples = 0
   return config
