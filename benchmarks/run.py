@@ -3,13 +3,15 @@
   python -m benchmarks.run [--quick] [--only=stage2,prior,sampling,parse,variants,dtype]
 
 Measures on whatever devices JAX sees, at the MNIST and CelebA configurations:
-  stage2    stage-2 train step: images/s, compile time, memory, and its achieved
-            FLOP/s (XLA's cost analysis) against a float32 matmul timed in this run;
+  stage2    stage-2 train step at the reference configurations (the authors'
+            networks) and with our networks: images/s, compile time, memory, its
+            achieved FLOP/s (XLA's cost analysis) against a float32 matmul timed
+            in this run, and the seconds and FLOPs of each part of the step;
   prior     stage-1 prior train step: images/s;
   sampling  cached against naive O(T^2) prior sampling (T = 36, 64);
   parse     part bank and raster parser over MNIST-sized images;
-  variants  the stage-2 step with the model's renderer and transposed convolutions
-            against their alternatives, in turn in one process;
+  variants  the stage-2 step with the model's renderer, convolutions, dropout
+            bits and GELU against their alternatives, in turn in one process;
   dtype     (GPU/TPU only) the stage-2 step in float32 against bfloat16 compute.
 Comparisons are ratios measured in one run, because shared machines are noisy.
 --quick uses small batches, few steps and 10,000 images: minutes on a 2-core CPU.
@@ -35,6 +37,54 @@ CONFIGS = {'MNIST': mnist.get_config, 'CelebA': celeba.get_config}
 REFERENCE = None  # In a batch list: the configuration's own (reference) batch size.
 
 
+def _with(get_config, **fields):
+  """get_config with some 'section.field' values changed.
+
+  Made once per name at import, so vae_train.compile_step's cache sees one function each.
+  """
+
+  def changed():
+    config = get_config()
+    for name, value in fields.items():
+      section, field = name.split('.')
+      config[section][field] = value
+    return config
+
+  return changed
+
+
+# This project's earlier networks, beside the authors' (the reference configurations).
+OUR_NETWORKS = {
+  'model.networks': 'ours',
+  'prior.token_features': 32,
+  'prior.d_model': 256,
+  'prior.num_layers': 4,
+  'prior.num_heads': 4,
+  'prior.head_dim': 0,
+  'prior.mlp_dim': 1024,
+}
+STAGE2_CONFIGS = {
+  **CONFIGS,
+  'MNIST, our nets': _with(
+    mnist.get_config,
+    **OUR_NETWORKS,
+    **{'model.encoder_features': 64, 'model.decoder_features': 64},
+  ),
+  'CelebA, our nets': _with(
+    celeba.get_config,
+    **OUR_NETWORKS,
+    **{'model.encoder_features': 128, 'model.decoder_features': 128},
+  ),
+}
+# The renderer only matters where `where` gets the reconstruction's gradient.
+STRAIGHT_THROUGH = {
+  f'{name}, where straight-through': _with(get_config, **{'vae.where_gradient': 'straight_through'})
+  for name, get_config in CONFIGS.items()
+}
+RENDERER = 'renderer: `place` einsum'
+PRIOR_BASELINES = ('GELU: nn.gelu (erfc)',)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Sizes of one kind of run; budgets are seconds of timed calls per row."""
@@ -42,6 +92,7 @@ class Settings:
   stage2_batches: dict[str, tuple[int | None, ...]]
   stage2_steps: int
   stage2_budget_s: float
+  breakdown_batches: dict[str, int]
   prior_batches: tuple[int | None, ...]
   prior_steps: int
   sample_batch: int
@@ -55,9 +106,15 @@ class Settings:
 
 
 FULL = Settings(
-  stage2_batches={'MNIST': (64, REFERENCE), 'CelebA': (64, REFERENCE)},
-  stage2_steps=5,
+  stage2_batches={
+    'MNIST': (64, REFERENCE),
+    'CelebA': (32, 64, REFERENCE),
+    'MNIST, our nets': (64,),
+    'CelebA, our nets': (32,),
+  },
+  stage2_steps=10,
   stage2_budget_s=120.0,
+  breakdown_batches={'MNIST': 64, 'CelebA': 32},
   prior_batches=(64, REFERENCE),
   prior_steps=5,
   sample_batch=64,
@@ -65,14 +122,20 @@ FULL = Settings(
   naive_budget_s=100.0,
   parse_images=60_000,
   matmul_size=2048,
-  variant_batches={'MNIST': 64, 'CelebA': 16},
+  variant_batches={'MNIST': 64, 'CelebA': 32},
   variant_rounds=5,
   variant_budget_s=120.0,
 )
 QUICK = Settings(
-  stage2_batches={'MNIST': (16, 64), 'CelebA': (4,)},
+  stage2_batches={
+    'MNIST': (16, 64),
+    'CelebA': (4,),
+    'MNIST, our nets': (16,),
+    'CelebA, our nets': (4,),
+  },
   stage2_steps=2,
   stage2_budget_s=15.0,
+  breakdown_batches={'MNIST': 16, 'CelebA': 4},
   prior_batches=(64,),
   prior_steps=2,
   sample_batch=8,
@@ -102,9 +165,9 @@ def _median(seconds: list[float]) -> float:
 
 
 def stage2_lines(settings: Settings) -> list[str]:
-  """Items 1 and 5: the stage-2 step's throughput and memory, then its FLOP/s."""
+  """Items 1 and 5: the stage-2 step's throughput and memory, its FLOP/s, its parts."""
   rows = []
-  for name, get_config in CONFIGS.items():
+  for name, get_config in STAGE2_CONFIGS.items():
     reference = get_config().vae.batch_size
     for batch in dict.fromkeys(b or reference for b in settings.stage2_batches[name]):
       rows.append(
@@ -156,6 +219,37 @@ def stage2_lines(settings: Settings) -> list[str]:
       f'| {row["name"]} | {row["batch"]} | {row["flops"] / 1e9:,.1f} | '
       f'{achieved / 1e9:,.2f} | **{achieved / peak:.1%}** |'
     )
+  return lines + ['', *breakdown_lines(settings)]
+
+
+def breakdown_lines(settings: Settings) -> list[str]:
+  """The reference configurations' stage-2 step cut into parts (vae_train.breakdown)."""
+  lines = [
+    "### Where the stage-2 step's time goes",
+    '',
+    'Each part jitted on its own, forward and backward as in the step (gradients only '
+    'where the step takes them), on intermediates of the same random batch; the parts and '
+    "the whole step timed in turn in one process (medians). GFLOP: XLA's cost analysis of "
+    'each part. The parts run apart, so their sum is not exactly the whole step.',
+    '',
+    '| config | batch | part | timed | s (median) | share of the step | GFLOP | GFLOP/s |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
+  for name, batch in settings.breakdown_batches.items():
+    rows = vae_train.breakdown(
+      CONFIGS[name], batch, settings.stage2_steps, settings.stage2_budget_s
+    )
+    whole = rows[-1]['median_s']
+    for row in rows:
+      gflop = row['flops'] / 1e9 if row['flops'] is not None else float('nan')
+      lines.append(
+        f'| {name} | {batch} | {row["part"]} | {len(row["seconds"])} | {row["median_s"]:.3f} | '
+        f'{row["median_s"] / whole:.0%} | {gflop:,.1f} | {gflop / row["median_s"]:,.1f} |'
+      )
+    parts_s = sum(row['median_s'] for row in rows[:-1])
+    lines.append(
+      f'| {name} | {batch} | sum of the parts | | {parts_s:.3f} | {parts_s / whole:.0%} | | |'
+    )
   return lines
 
 
@@ -206,28 +300,41 @@ def comparison_table(rows: list[dict], reference: str, ratio_label: str) -> list
 
 
 def variants_lines(settings: Settings) -> list[str]:
-  """Item 6: the model's renderer and transposed convolutions against the alternatives."""
-  variants = {MODEL: {}, **{label: {'baselines': (label,)} for label in vae_train.BASELINES}}
-  rows = [
-    vae_train.compare(
-      name,
-      get_config,
-      settings.variant_batches[name],
-      variants,
-      settings.variant_rounds,
-      settings.variant_budget_s,
-    )
-    for name, get_config in CONFIGS.items()
-  ]
+  """Item 6: the model's renderer, convolutions, dropout bits and GELU against the alternatives."""
+  rows = []
+  for name, get_config in CONFIGS.items():
+    # The reference renders without where's gradient; with beta = 0 (CelebA) no prior runs.
+    labels = [label for label in vae_train.BASELINES if label != RENDERER]
+    if get_config().vae.beta == 0:
+      labels = [label for label in labels if label not in PRIOR_BASELINES]
+    straight = f'{name}, where straight-through'
+    groups = [(name, get_config, labels), (straight, STRAIGHT_THROUGH[straight], [RENDERER])]
+    for group, group_config, group_labels in groups:
+      variants = {MODEL: {}, **{label: {'baselines': (label,)} for label in group_labels}}
+      rows.append(
+        vae_train.compare(
+          group,
+          group_config,
+          settings.variant_batches[name],
+          variants,
+          settings.variant_rounds,
+          settings.variant_budget_s,
+        )
+      )
   return [
     '### Variants in the stage-2 train step',
     '',
-    f'"{MODEL}": what the model uses, `canvas.place_straight_through` (pad-and-slice '
-    "forward, the einsum's gradient) and `layers.conv_transpose` (one stride-1 convolution "
-    'per output phase). Each other row swaps one of them for its alternative: the dense '
-    '`canvas.place` einsum with row/column placement matrices, or `lax.conv_transpose` (what '
-    "flax's nn.ConvTranspose runs). Same values and gradients (tests/canvas_test.py, "
-    'tests/layers_test.py); the steps are timed in turn in one process.',
+    f'"{MODEL}": what the model uses: `layers.conv_transpose` (one stride-1 convolution '
+    'per output phase), `layers.stride1_conv` (kernel gradients of the phases and of 1x1 '
+    'convolutions as per-tap matmuls over batch chunks), threefry lowered unrolled on CPU '
+    "(the prior's dropout bits) and `prior.exact_gelu` (erf); with vae.where_gradient = "
+    "'straight_through' (not the reference), `canvas.place_straight_through` (pad-and-slice "
+    "forward, the einsum's gradient). Each other row swaps one of them for its alternative: "
+    "`lax.conv_transpose` (what flax's nn.ConvTranspose runs), XLA's own kernel gradients, "
+    "jax's CPU threefry (a loop over its rounds; the same bits), `nn.gelu(approximate=False)` "
+    '(erfc), or the dense `canvas.place` einsum. Same values and gradients to float '
+    'tolerance (tests/canvas_test.py, tests/layers_test.py, tests/prior_test.py); the steps '
+    'are timed in turn in one process.',
     '',
     *comparison_table(rows, MODEL, f's / step over "{MODEL}"'),
   ]

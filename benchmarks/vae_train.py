@@ -3,8 +3,9 @@
 The state is built as train_vae builds it, the step is train_vae.make_train_step
 (compiled ahead of time, so compile time is apart), the batch is random
 images with random parses and the part bank random. Variants of the step
-(the renderer, the transposed convolutions, the compute dtype) are compiled
-side by side and timed in turn in one process.
+(the renderer, the convolutions, the prior's dropout bits and GELU, the compute
+dtype) are compiled side by side and timed in turn in one process; `breakdown`
+times the step's parts.
 """
 
 import contextlib
@@ -14,19 +15,36 @@ import time
 from collections.abc import Callable
 from unittest import mock
 
+import flax.linen
 import jax
+import jax.extend
+import jax.interpreters.mlir
+import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 from benchmarks import timing
-from npdraw_jax import canvas, npdraw, sharding, train_lib, train_vae
-from npdraw_jax.models import layers
+from npdraw_jax import canvas, distributions, npdraw, sharding, train_lib, train_vae
+from npdraw_jax.models import layers, prior
 
 
 def lax_conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """What flax's nn.ConvTranspose computes: one input-dilated convolution."""
   dims = ('NHWC', 'HWIO', 'NHWC')
   return jax.lax.conv_transpose(x, kernel, (stride, stride), 'SAME', dimension_numbers=dims)
+
+
+def xla_kernel_gradients() -> contextlib.ExitStack:
+  """layers.stride1_conv and layers.conv_general_dilated as plain lax convolutions."""
+  patches = contextlib.ExitStack()
+  patches.enter_context(
+    mock.patch.object(layers, 'stride1_conv', lambda x, k, padding: layers._lax_conv(x, k, padding))
+  )
+  patches.enter_context(
+    mock.patch.object(layers, 'conv_general_dilated', jax.lax.conv_general_dilated)
+  )
+  return patches
 
 
 # The alternatives to what the model uses, patched in while a step is traced.
@@ -36,6 +54,10 @@ BASELINES = {
   ),
   'transposed conv: lax.conv_transpose': lambda: mock.patch.object(
     layers, 'conv_transpose', lax_conv_transpose
+  ),
+  "conv kernel gradients: XLA's": xla_kernel_gradients,
+  'GELU: nn.gelu (erfc)': lambda: mock.patch.object(
+    prior, 'exact_gelu', lambda x: flax.linen.gelu(x, approximate=False)
   ),
 }
 
@@ -191,3 +213,136 @@ def compare(
     'seconds': seconds,
     'compile_s': {k: s.compile_s for k, s in steps.items()},
   }
+
+
+def _pairing_gradient(fn: Callable, argnums) -> Callable:
+  """(args..., cotangent) -> the gradient of <fn(args...), cotangent>: fn's forward and backward."""
+
+  def pairing(*args):
+    *inputs, cotangent = args
+    products = jax.tree.map(lambda y, c: jnp.vdot(y, c), fn(*inputs), cotangent)
+    return sum(jax.tree.leaves(products))
+
+  return jax.grad(pairing, argnums)
+
+
+def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callable, tuple]]:
+  """The stage-2 step cut into its parts: name -> (jitted function, arguments).
+
+  Each part runs forward and backward as the step does (gradients only where
+  the step takes them), on the intermediates of one eager run of the loss on a
+  random batch; the cotangents are random.
+  """
+  config = get_config()
+  config.vae.batch_size = batch_size
+  model = npdraw.make_model(config)
+  weights = npdraw.LossWeights.from_config(config.vae)
+  variables = npdraw.init_variables(model, jax.random.key(0))
+  params, stats = variables['params'], variables['batch_stats']
+  p, c = config.model.patch_size, config.data.channels
+  bank = jnp.asarray(np.random.default_rng(1).random((config.model.K, p, p, c), np.float32))
+  batch = jax.tree.map(jnp.asarray, random_batch(config, model.grid.num_locations, batch_size))
+  k_latents, k_forcing, k_dropout = jax.random.split(jax.random.key(2), 3)
+  tau, rho = 1.0, 0.5
+  cotangent = lambda tree: jax.tree.map(
+    lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), tree
+  )
+
+  def encoder(encoder_params, images):
+    return npdraw.encode(
+      model, {'params': {'encoder': encoder_params}, 'batch_stats': stats}, images, True
+    )[0]
+
+  def render(q):
+    sampled = npdraw.relaxed_latents(
+      k_latents, q, tau, weights.what_straight_through, weights.pres_relaxed
+    )
+    parse = npdraw.one_hot_latents(
+      batch['pres'], batch['where'], batch['what'], model.grid.num_locations, bank.shape[0]
+    )
+    latents = npdraw.teacher_force(k_forcing, rho, sampled, parse, weights.teacher_forcing_pres)
+    straight_through = weights.where_gradient == 'straight_through'
+    return canvas.render_relaxed_steps(
+      model.grid, bank, latents.pres, latents.where, latents.what, straight_through
+    ), latents.pres
+
+  def prior(history):
+    return model.prior.apply(
+      {'params': params['prior']},
+      *history,
+      jnp.arange(config.model.T),
+      train=weights.prior_dropout,
+      rngs={'dropout': k_dropout},
+    )
+
+  def decoder(decoder_params, canvas_t):
+    return npdraw.decode(
+      model, {'params': {'decoder': decoder_params}, 'batch_stats': stats}, canvas_t, True
+    )[0]
+
+  def heads(out, q, p, pres):
+    recon = distributions.nll(model.likelihood, out, batch['image'], model.num_mixtures)
+    loss = recon + weights.lambda_sup * npdraw.parse_supervision(
+      q, batch['pres'], batch['where'], batch['what']
+    )
+    if p is not None:
+      loss = loss + weights.beta * npdraw.prior_kl(q, p, pres)
+    return jnp.mean(loss)
+
+  q = jax.jit(encoder)(params['encoder'], batch['image'])
+  (canvases, maps), pres = jax.jit(render)(q)
+  out = jax.jit(decoder)(params['decoder'], canvases[:, -1])
+  calls = {
+    'encoder': (_pairing_gradient(encoder, 0), (params['encoder'], batch['image'], cotangent(q))),
+    'latents + rendering': (
+      _pairing_gradient(lambda q: render(q)[0], 0),
+      (q, cotangent((canvases, maps))),
+    ),
+  }
+  p = None
+  if weights.beta != 0:
+    history = canvas.states_before(canvases, maps)
+    p = jax.jit(prior)(history)
+    if weights.kl_through_history:
+      calls['prior, forward + input gradient'] = (
+        _pairing_gradient(prior, 0),
+        (history, cotangent(p)),
+      )
+    else:
+      calls['prior, forward'] = (prior, (history,))
+  calls['decoder'] = (
+    _pairing_gradient(decoder, (0, 1)),
+    (params['decoder'], canvases[:, -1], cotangent(out)),
+  )
+  calls['likelihood, KL, supervision'] = (jax.grad(heads, (0, 1, 2)), (out, q, p, pres))
+  tx = train_vae.make_optimizer(config)
+  state = train_vae.create_state(variables, tx, jax.random.key(4))
+  grads = cotangent(params)
+
+  def optimizer(state, grads):
+    return state.apply_gradients(grads=grads), optax.tree.norm(grads)
+
+  calls['optimizer'] = (optimizer, (state, grads))
+  return {name: (jax.jit(fn), args) for name, (fn, args) in calls.items()}
+
+
+def breakdown(get_config: Callable, batch_size: int, rounds: int, budget_s: float) -> list[dict]:
+  """Seconds (medians, timed in turn with the whole step) and XLA's FLOPs of each part.
+
+  Returns:
+    [{'part', 'seconds', 'median_s', 'flops'}], the parts then 'whole step'.
+  """
+  runs, flops = {}, {}
+  for name, (fn, args) in part_calls(get_config, batch_size).items():
+    compiled = fn.lower(*args).compile()
+    runs[name] = functools.partial(compiled, *args)
+    flops[name] = _flops(compiled)
+    jax.block_until_ready(runs[name]())
+  step = compile_step(get_config, batch_size)
+  _checked_first_step('breakdown', step)
+  runs['whole step'], flops['whole step'] = step.run, step.flops
+  seconds = timing.alternate(runs, rounds, budget_s)
+  return [
+    {'part': k, 'seconds': s, 'median_s': float(np.median(s)), 'flops': flops[k]}
+    for k, s in seconds.items()
+  ]

@@ -1,4 +1,5 @@
-"""Transposed convolution by phases against flax's, and bfloat16 compute against float32."""
+"""Transposed convolution by phases and 1x1 convolutions against flax's, and bfloat16 compute
+against float32."""
 
 import functools
 
@@ -47,6 +48,28 @@ class ConvTransposeTest(parameterized.TestCase):
   def test_kernel_smaller_than_stride(self):
     with self.assertRaisesRegex(ValueError, 'empty'):
       layers.conv_transpose(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 1, 1, 1)), 2)
+
+
+class PointwiseConvTest(parameterized.TestCase):
+  @parameterized.parameters(
+    (1, 'SAME', 4),
+    (1, 'VALID', 6),
+    (1, 0, 3),
+    (3, 1, 4),  # Not 1x1: lax's own convolution.
+  )
+  def test_values_and_gradients_equal_lax(self, kernel, padding, batch):
+    x = jax.random.normal(jax.random.key(0), (batch, 5, 6, 3))
+    make = functools.partial(nn.Conv, 4, (kernel, kernel), padding=padding)
+    ours, plain = make(conv_general_dilated=layers.conv_general_dilated), make()
+    params = plain.init(jax.random.key(1), x)
+    projection = jax.random.normal(jax.random.key(2), plain.apply(params, x).shape)
+
+    def objective(layer):
+      return lambda p, x: jnp.sum(layer.apply(p, x) * projection)
+
+    want = jax.value_and_grad(objective(plain), argnums=(0, 1))(params, x)
+    got = jax.jit(jax.value_and_grad(objective(ours), argnums=(0, 1)))(params, x)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def relative_error(got, want):

@@ -70,6 +70,7 @@ class AuthorsDecoder(nn.Module):
     chex.assert_rank(canvas, 4)
     _check_upsample(self.upsample)
     f, dtype = self.features, self.dtype
+    conv = layers.conv_general_dilated  # A faster kernel gradient for 1x1 convolutions.
     x = canvas
     for _ in range(2):
       x = layers.TorchConvBN(f, kernel=4, strides=2, padding=1, use_bias=False, dtype=dtype)(
@@ -83,9 +84,11 @@ class AuthorsDecoder(nn.Module):
       )(x, train)
     if self.upsample == 2:
       x = layers.TorchConvBN(f, kernel=2, strides=2, transpose=True, dtype=dtype)(x, train)
-      x = nn.Conv(f, (1, 1), dtype=dtype)(x)
+      x = nn.Conv(f, (1, 1), dtype=dtype, conv_general_dilated=conv)(x)
     # The likelihood is evaluated in float32.
-    out = nn.Conv(self.out_channels, (1, 1), use_bias=self.output_bias, dtype=dtype)(x)
+    out = nn.Conv(
+      self.out_channels, (1, 1), use_bias=self.output_bias, dtype=dtype, conv_general_dilated=conv
+    )(x)
     out = out.astype(jnp.float32)
     batch, h, w, _ = canvas.shape
     chex.assert_shape(out, (batch, h * self.upsample, w * self.upsample, self.out_channels))

@@ -8,6 +8,7 @@ Every block takes a compute `dtype`: activations and matrix multiplies run in
 it, parameters stay float32 and batch statistics are reduced in float32.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -48,6 +49,89 @@ def _phase(kernel: int, stride: int, phase: int) -> tuple[int, tuple[int, int]]:
   return first, (-offset, offset + taps - 1)
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def stride1_conv(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
+  """A stride-1 NHWC/HWIO convolution with explicit (maybe negative) padding pairs.
+
+  Same values and gradients as lax's; the kernel gradient is one matmul per
+  tap, summed over a few batch chunks. XLA:CPU runs the kernel gradient of
+  1x1 convolutions and of the 2x2 phases of conv_transpose as one
+  long-contraction product, 2-9x slower (benchmarks/RESULTS.md, "The stage-2
+  step at the authors' networks"); for 3x3 kernels its own is faster, so use this
+  for those two kinds only.
+  """
+  return _lax_conv(x, kernel, padding)
+
+
+def _stride1_conv_fwd(x, kernel, padding):
+  return _lax_conv(x, kernel, padding), (x, kernel)
+
+
+def _stride1_conv_bwd(padding, residuals, g):
+  x, kernel = residuals
+  (d_x,) = jax.vjp(lambda x: _lax_conv(x, kernel, padding), x)[1](g)
+  rows, cols = kernel.shape[:2]
+  batch, height, width, features = g.shape
+  pads = [(0, 0, 0), *((low, high, 0) for low, high in padding), (0, 0, 0)]
+  padded = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
+  chunks = math.gcd(batch, 4)  # A batch axis the matmul splits over the cores.
+  g = g.reshape(chunks, -1, features)
+  taps = []
+  for u in range(rows):
+    for v in range(cols):
+      tap = padded[:, u : u + height, v : v + width].reshape(chunks, -1, x.shape[-1])
+      taps.append(jnp.einsum('nkc,nko->nco', tap, g).sum(axis=0))
+  return d_x, jnp.stack(taps).reshape(kernel.shape)
+
+
+stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
+
+
+def _is_zero_padding(padding) -> bool:
+  return padding in ('SAME', 'VALID') or all(tuple(pair) == (0, 0) for pair in padding)
+
+
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+):
+  """lax.conv_general_dilated as flax's nn.Conv calls it; 1x1 convolutions through stride1_conv.
+
+  Pass it as nn.Conv(..., conv_general_dilated=conv_general_dilated): the
+  parameters and values are nn.Conv's.
+  """
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+  pointwise = (
+    rhs.shape[:2] == (1, 1)
+    and tuple(window_strides) == (1, 1)
+    and _is_zero_padding(padding)
+    and lhs_dilation in (None, (1, 1))
+    and rhs_dilation in (None, (1, 1))
+    and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    and feature_group_count == 1
+    and precision is None
+  )
+  if not pointwise:
+    return jax.lax.conv_general_dilated(
+      *args, feature_group_count=feature_group_count, precision=precision
+    )
+  return stride1_conv(lhs, rhs, ((0, 0), (0, 0)))
+
+
 def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """lax.conv_transpose(x, kernel, (stride,) * 2, 'SAME'), as stride**2 ordinary convolutions.
 
@@ -75,10 +159,7 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     for b in range(stride):
       first_b, pad_b = _phase(k, stride, b)
       sub = kernel[first_a::stride, first_b::stride]
-      dims = ('NHWC', 'HWIO', 'NHWC')
-      row.append(
-        jax.lax.conv_general_dilated(x, sub, (1, 1), (pad_a, pad_b), dimension_numbers=dims)
-      )
+      row.append(stride1_conv(x, sub, (pad_a, pad_b)))
     rows.append(jnp.stack(row, axis=3))  # [B, H, W, s (b), Cout]
   y = jnp.stack(rows, axis=2)  # [B, H, s (a), W, s (b), Cout]
   batch, height, _, width, _, features = y.shape
@@ -205,6 +286,7 @@ class TorchConvBN(nn.Module):
         padding=((self.padding, self.padding),) * 2,
         use_bias=self.use_bias,
         dtype=self.dtype,
+        conv_general_dilated=conv_general_dilated,
       )(x)
     x = torch_batch_norm(train, self.dtype)(x)
     return nn.relu(x) if self.relu else x

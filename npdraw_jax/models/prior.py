@@ -106,6 +106,15 @@ class CausalSelfAttention(nn.Module):
     return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name='out')(y)
 
 
+def exact_gelu(x: jax.Array) -> jax.Array:
+  """PyTorch's exact GELU, 0.5 x (1 + erf(x / sqrt 2)).
+
+  nn.gelu(x, approximate=False) computes it through erfc, which makes the
+  prior's forward and backward on CPU 1.08x slower (benchmarks/RESULTS.md).
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * 2**-0.5))
+
+
 class AuthorsBlock(nn.Module):
   """x + Dropout(Attn(LN(x))), then x + FF(LN(x)), FF = Dense, GELU, Dropout, Dense, Dropout."""
 
@@ -128,7 +137,7 @@ class AuthorsBlock(nn.Module):
     )(layer_norm()(x), positions)
     x = x + dropout()(y)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype)(layer_norm()(x))
-    y = dropout()(nn.gelu(y, approximate=False))
+    y = dropout()(exact_gelu(y))
     y = nn.Dense(x.shape[-1], dtype=self.dtype)(y)
     return x + dropout()(y)
 
