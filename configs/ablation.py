@@ -3,7 +3,7 @@ on a 2-core CPU).
 
   python -m experiments.ablation --workdir=runs/ablation
 
-configs/mnist_demo.py (the MNIST reference structure on the embedded digits,
+configs/mnist_cpu.py (the MNIST reference structure on the embedded digits,
 the authors' network family and stage 2 at demo widths, 500 digits held out)
 with a step budget every variant shares: 1,000 prior steps of 64 and 400
 stage-2 steps of 64 images, evaluated with S = 100.
@@ -11,12 +11,12 @@ stage-2 steps of 64 images, evaluated with S = 100.
 
 import ml_collections
 
-from configs import mnist_demo
+from configs import mnist_cpu
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """mnist_demo with the budget every variant shares."""
-  config = mnist_demo.get_config(arg)
+  """mnist_cpu with the budget every variant shares."""
+  config = mnist_cpu.get_config(arg)
   config.prior.train_steps = 1000
   config.prior.eval_every = 500
   config.prior.checkpoint_every = 500

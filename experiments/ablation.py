@@ -24,32 +24,19 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 import configs
+from configs import mnist_cpu
 from experiments import launch, study
 from npdraw_jax import pipeline, train_prior
 
 TABLE_FILE = 'ablation.md'
 PLOT_FILE = 'ablation.png'
 REFERENCE = 'reference'
-# The project's earlier networks at the demo scale of configs/mnist_demo.py
-# before the authors' family replaced them (channels 32 and 64, prior of width
-# 128 with 2 blocks).
-OUR_NETWORKS = {
-  'model.networks': 'ours',
-  'model.encoder_features': 32,
-  'model.decoder_features': 32,
-  'prior.token_features': 8,
-  'prior.d_model': 128,
-  'prior.num_layers': 2,
-  'prior.num_heads': 4,
-  'prior.head_dim': 0,
-  'prior.mlp_dim': 512,
-}
 # Variant -> (what it changes, config overrides).
 VARIANTS = {
   REFERENCE: ("the authors' networks and stage 2 (section 11)", {}),
   'our_networks': (
-    'our encoder, decoder and prior (widths 64, prior 256 x 4 layers)',
-    OUR_NETWORKS,
+    'our encoder, decoder and prior at the same CPU scale',
+    mnist_cpu.OUR_NETWORKS,
   ),
   'our_teacher_forcing': (
     'teacher forcing exp(-d e), also forcing pres',
@@ -79,11 +66,7 @@ def parse_variants(names: list[str]) -> tuple[str, ...]:
 
 def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """A copy of config with the variant's overrides."""
-  config = config.copy_and_resolve_references()
-  for key, value in VARIANTS[variant][1].items():
-    section, field = key.split('.')
-    setattr(config[section], field, value)
-  return config
+  return mnist_cpu.override(config, VARIANTS[variant][1])
 
 
 def shares_upstream(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict):
