@@ -187,18 +187,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   variants = parse_variants(flags.FLAGS.variants)
   config = flags.FLAGS.config
-  workdir = os.path.abspath(flags.FLAGS.workdir)
-  launch.prepare(config)
-  os.makedirs(workdir, exist_ok=True)
-  start = time.perf_counter()
-  with launch.hold_workdir(workdir):
-    table = run(config, workdir, variants)
-  logging.info(
-    'Done in %.1f min: %s in %s.\n%s',
-    (time.perf_counter() - start) / 60,
-    TABLE_FILE,
-    workdir,
-    table,
+  study.run_study(
+    config,
+    os.path.abspath(flags.FLAGS.workdir),
+    lambda workdir: run(config, workdir, variants),
+    f'{TABLE_FILE} and {PLOT_FILE}',
   )
 
 

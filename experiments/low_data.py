@@ -19,7 +19,6 @@ DIR/low_data.md holds the table and DIR/low_data.png the plot.
 """
 
 import os
-import time
 
 import jax
 import ml_collections
@@ -178,19 +177,11 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   fractions = parse_fractions(flags.FLAGS.fractions)
   config = flags.FLAGS.config
-  workdir = os.path.abspath(flags.FLAGS.workdir)
-  launch.prepare(config)
-  os.makedirs(workdir, exist_ok=True)
-  start = time.perf_counter()
-  with launch.hold_workdir(workdir):
-    table = run(config, workdir, fractions)
-  logging.info(
-    'Done in %.1f min: %s and %s in %s.\n%s',
-    (time.perf_counter() - start) / 60,
-    TABLE_FILE,
-    PLOT_FILE,
-    workdir,
-    table,
+  study.run_study(
+    config,
+    os.path.abspath(flags.FLAGS.workdir),
+    lambda workdir: run(config, workdir, fractions),
+    f'{TABLE_FILE} and {PLOT_FILE}',
   )
 
 

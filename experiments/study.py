@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from experiments import launch
 from npdraw_jax import artifacts
 
 RESULTS_FILE = 'results.json'
@@ -48,10 +49,23 @@ def run_once(
   return record
 
 
+def run_study(
+  config: ml_collections.ConfigDict, workdir: str, run: Callable[[str], str], outputs: str
+) -> None:
+  """The shared start-up of a study's main: logs the devices, holds the workdir,
+  runs run(workdir) -> its table and logs the table with the time taken."""
+  launch.prepare(config)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  with launch.hold_workdir(workdir):
+    table = run(workdir)
+  logging.info(
+    'Done in %.1f min: %s in %s.\n%s', (time.perf_counter() - start) / 60, outputs, workdir, table
+  )
+
+
 def run_npdraw(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
   """NP-DRAW's stages in order; returns the last one's (eval's) summary."""
-  from experiments import launch  # Imported here: launch imports every stage.
-
   for name in NPDRAW_STAGES:
     logging.info('--- NP-DRAW stage %s ---', name)
     summary = launch.STAGES[name](config, directory)
