@@ -36,8 +36,9 @@ def main(path):
   global_batch = sharding.to_global(batch, mesh)
   for _ in range(2):
     state, metrics = step(state, bank, global_batch)
-  leaves = jax.tree.leaves(jax.device_get({'params': state.params, 'stats': state.batch_stats}))
-  np.savez(path, *leaves, devices=jax.device_count(), loss=float(metrics['loss']))
+  tree = jax.device_get({'params': state.params, 'stats': state.batch_stats})
+  leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  np.savez(path, **leaves, devices=jax.device_count(), loss=float(metrics['loss']))
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@ sharded == unsharded."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,8 +87,19 @@ class ShardingTest(absltest.TestCase):
     self.assertEqual(int(results[4].pop('devices')), 4)
     self.assertEqual(int(results[1].pop('devices')), 1)
     self.assertEqual(results[1].keys(), results[4].keys())
-    for name in results[1]:
-      np.testing.assert_allclose(results[4][name], results[1][name], rtol=1e-6, atol=1e-6)
+    # The authors' convolutions feeding a batch norm have a bias whose true
+    # gradient is zero: Adam turns its round-off, which depends on the
+    # reduction order, into full-size steps, and the batch norm's running mean
+    # carries that bias. Everything else must agree.
+    biased = re.compile(r"\['params'\](.*\['TorchConvBN_\d+'\])\['Conv_0'\]\['bias'\]")
+    blocks = {m[1]: m[0] for m in map(biased.fullmatch, results[1]) if m}
+    self.assertNotEmpty(blocks)
+    noise = {*blocks.values(), *(f"['stats']{b}['BatchNorm_0']['mean']" for b in blocks)}
+    self.assertLessEqual(noise, results[1].keys())
+    for name in results[1].keys() - set(noise):
+      np.testing.assert_allclose(
+        results[4][name], results[1][name], rtol=1e-6, atol=1e-6, err_msg=name
+      )
 
 
 if __name__ == '__main__':
