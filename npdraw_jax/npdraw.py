@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import distributions, gumbel, losses, pipeline
+from npdraw_jax import distributions, errors, gumbel, losses, pipeline
 from npdraw_jax.models import decoder as decoder_lib
 from npdraw_jax.models import encoder as encoder_lib
 from npdraw_jax.models import layers
@@ -129,7 +129,7 @@ def teacher_forcing_rate(epoch, schedule: str, decay: float):
     return jnp.exp(-decay * epoch * (epoch + 1) / 2)
   if schedule == 'exponential':
     return jnp.exp(-decay * epoch)
-  raise ValueError(
+  raise errors.ConfigError(
     f'vae.teacher_forcing must be one of {TEACHER_FORCING_SCHEDULES}, not {schedule!r}.'
   )
 
@@ -248,7 +248,7 @@ class LossWeights:
 
   def __post_init__(self):
     if self.where_gradient not in WHERE_GRADIENTS:
-      raise ValueError(
+      raise errors.ConfigError(
         f'vae.where_gradient must be one of {WHERE_GRADIENTS}, not {self.where_gradient!r}.'
       )
 

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from npdraw_jax import canvas as canvas_lib
+from npdraw_jax import errors
 
 ORDERS = ('raster', 'greedy')
 
@@ -153,7 +154,7 @@ def parse_batch(
     return jax.vmap(lambda x: parse_raster(grid, bank, x, threshold))(images)
   if order == 'greedy':
     return jax.vmap(lambda x: parse_greedy(grid, bank, x, num_steps, threshold))(images)
-  raise ValueError(f'parse.order must be one of {ORDERS}, got {order!r}.')
+  raise errors.ConfigError(f'parse.order must be one of {ORDERS}, got {order!r}.')
 
 
 def parse_images(

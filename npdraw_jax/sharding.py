@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from npdraw_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -30,7 +32,7 @@ def check_batch_size(batch_size: int, name: str = 'batch_size') -> int:
   """A global batch must split evenly over devices and processes."""
   devices = jax.device_count()
   if batch_size % devices:
-    raise ValueError(
+    raise errors.ConfigError(
       f'{name} = {batch_size} does not divide over {devices} devices; use a multiple of {devices}.'
     )
   return batch_size // jax.process_count()

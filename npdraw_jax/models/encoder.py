@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from npdraw_jax import errors
 from npdraw_jax.models import layers
 
 HEADS = ('mlp', 'fcn')
@@ -25,9 +26,9 @@ HEADS = ('mlp', 'fcn')
 
 def _check_head(head: str, num_steps: int) -> None:
   if head not in HEADS:
-    raise ValueError(f'model.encoder_head must be one of {HEADS}, got {head!r}.')
+    raise errors.ConfigError(f'model.encoder_head must be one of {HEADS}, got {head!r}.')
   if head == 'fcn' and math.isqrt(num_steps) ** 2 != num_steps:
-    raise ValueError(f"The 'fcn' head needs a square number of steps, got T = {num_steps}.")
+    raise errors.ConfigError(f"The 'fcn' head needs a square number of steps, got T = {num_steps}.")
 
 
 class Encoder(nn.Module):

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from npdraw_jax import errors
+
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 NETWORKS = ('authors', 'ours')
 
@@ -23,14 +25,14 @@ NETWORKS = ('authors', 'ours')
 def compute_dtype(name: str) -> jnp.dtype:
   """The dtype of config.model.compute_dtype, checked."""
   if name not in COMPUTE_DTYPES:
-    raise ValueError(f'model.compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}.')
+    raise errors.ConfigError(f'model.compute_dtype must be one of {COMPUTE_DTYPES}, got {name!r}.')
   return jnp.dtype(name)
 
 
 def check_networks(name: str) -> str:
   """config.model.networks, checked: 'authors' (spec section 11) or 'ours'."""
   if name not in NETWORKS:
-    raise ValueError(f'model.networks must be one of {NETWORKS}, got {name!r}.')
+    raise errors.ConfigError(f'model.networks must be one of {NETWORKS}, got {name!r}.')
   return name
 
 

@@ -26,7 +26,6 @@ import ml_collections
 
 from npdraw_jax.models import layers
 
-NETWORKS = ('authors', 'ours')
 # PyTorch's nn.LayerNorm default, which the authors' blocks use.
 AUTHORS_LAYER_NORM_EPSILON = 1e-5
 
@@ -375,9 +374,7 @@ Prior: TypeAlias = AuthorsPrior | OursPrior
 
 def make_prior(config: ml_collections.ConfigDict, num_locations: int) -> Prior:
   """The prior a configuration describes (L comes from the canvas grid)."""
-  p, networks = config.prior, config.model.networks
-  if networks not in NETWORKS:
-    raise ValueError(f'model.networks must be one of {NETWORKS}, got {networks!r}.')
+  p, networks = config.prior, layers.check_networks(config.model.networks)
   head_dim = p.head_dim
   if head_dim == 0:
     if p.d_model % p.num_heads:
