@@ -52,8 +52,7 @@ def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam: encoder at lr, decoder at 0.1 lr; the prior frozen unless finetune_prior.
 
-  Parameters are grouped by their top-level name, so a model without a prior
-  (the baseline VAE) trains with the same optimizer.
+  Parameters are grouped by their top-level name ('encoder', 'decoder', 'prior').
   """
   lr = config.vae.lr
   return optax.multi_transform(
