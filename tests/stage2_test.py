@@ -78,6 +78,17 @@ def terms_fn(weights, rho=0.0, tau=1.0):
   return terms
 
 
+def loss_and_grads(weights, params, key, rho):
+  """stage2_loss on the fixture's batch and its gradient w.r.t. params (tau = 1)."""
+  _, model, variables, bank, batch = fixture()
+
+  def loss_fn(params):
+    variables_now = {'params': params, 'batch_stats': variables['batch_stats']}
+    return npdraw.stage2_loss(model, variables_now, bank, batch, key, 1.0, rho, weights)
+
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+
 class TeacherForcingRateTest(parameterized.TestCase):
   @parameterized.parameters(0.005, 0.01)
   def test_cumulative_is_the_product_of_per_epoch_factors(self, decay):
@@ -196,24 +207,11 @@ class GradientPathTest(parameterized.TestCase):
     self.assertEqual(history_path['where'] > tolerance, where_reaches, history_path)
 
   def test_reference_loss_leaves_the_frozen_prior_alone(self):
-    _, model, variables, bank, batch = fixture()
+    variables = fixture()[2]
     weights = weights_with(beta=0.5, kl_through_history=True, where_gradient='straight_through')
-
-    @jax.jit
-    def loss_and_grads(params):
-      loss_fn = lambda params: npdraw.stage2_loss(
-        model,
-        {'params': params, 'batch_stats': variables['batch_stats']},
-        bank,
-        batch,
-        jax.random.key(10),
-        1.0,
-        0.0,
-        weights,
-      )
-      return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-    (loss, (metrics, _)), grads = loss_and_grads(variables['params'])
+    (loss, (metrics, _)), grads = loss_and_grads(
+      weights, variables['params'], jax.random.key(10), rho=0.0
+    )
     largest = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
     self.assertEqual(largest(grads['prior']), 0.0)
     self.assertGreater(largest(grads['encoder']), 0.0)
@@ -244,22 +242,7 @@ class BetaZeroTest(absltest.TestCase):
     params = dict(variables['params'])
     params['prior'] = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params['prior'])
     weights = weights_with(beta=0.0, kl_through_history=True, prior_dropout=True)
-
-    @jax.jit
-    def loss_and_grads(params):
-      loss_fn = lambda params: npdraw.stage2_loss(
-        model,
-        {'params': params, 'batch_stats': variables['batch_stats']},
-        bank,
-        batch,
-        jax.random.key(14),
-        1.0,
-        0.5,
-        weights,
-      )
-      return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-    (loss, (metrics, _)), grads = loss_and_grads(params)
+    (loss, (metrics, _)), grads = loss_and_grads(weights, params, jax.random.key(14), rho=0.5)
     self.assertTrue(np.isfinite(float(loss)))
     for name in ('encoder', 'decoder'):
       for leaf in jax.tree.leaves(grads[name]):
