@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -34,9 +34,10 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 _EMBEDDED_TEST_PER_CLASS = 50  # Last rows of each digit's block are test.
 _TFDS_READ_BATCH = 1024
 _PROGRESS_MIN = 2000  # Loads shorter than this many images show no bar.
-# Tags of the random streams of this module. Every seed sequence has the same
-# length 3 with a nonzero tag: NumPy pads shorter sequences with zeros, so
-# [seed, 1] and [seed, 1, 0] would otherwise draw the same numbers.
+# Tags of the random streams of this module. Every seed sequence is [seed,
+# tag, counter] or [seed, tag, counter, shard] with a nonzero tag: NumPy pads
+# shorter sequences with zeros, so [seed, 1] and [seed, 1, 0] would otherwise
+# draw the same numbers, and shard 0 draws what a run without shards draws.
 _ORDER, _TRAIN_NOISE, _EVAL_NOISE, _SUBSET, _HOLDOUT = 1, 2, 3, 4, 5
 
 
@@ -549,15 +550,18 @@ def _serve(
   }
 
 
-def batch_rows(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+def batch_rows(
+  num_examples: int, batch_size: int, seed: int, step: int, shard: int = 0
+) -> np.ndarray:
   """Rows of the batch of global step `step`: a pure function of its arguments.
 
   Each epoch visits the rows in a fresh permutation; the remainder is dropped.
-  Shared by every stage's training batches, so resuming at a step resumes the data.
+  Shared by every stage's training batches, so resuming at a step resumes the
+  data. Data shards (see train_batch) draw independent permutations.
   """
   steps = steps_per_epoch(num_examples, batch_size)
   epoch, pos = divmod(step, steps)
-  perm = np.random.default_rng([seed, _ORDER, epoch]).permutation(num_examples)
+  perm = np.random.default_rng([seed, _ORDER, epoch, shard]).permutation(num_examples)
   return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
@@ -576,11 +580,32 @@ def eval_rows(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, 
 
 
 def train_batch(
-  split: Split, data: ml_collections.ConfigDict, batch_size: int, seed: int, step: int
+  split: Split,
+  data: ml_collections.ConfigDict,
+  batch_size: int,
+  seed: int,
+  step: int,
+  shards: Sequence[int] = (0,),
 ) -> dict[str, np.ndarray]:
-  """The batch of global step `step`: a pure function of (split, seed, step)."""
-  rows = batch_rows(split.num_examples, batch_size, seed, step)
-  return _serve(split, rows, data, np.random.default_rng([seed, _TRAIN_NOISE, step]))
+  """This process's rows of the batch of global step `step`: a pure function of
+  (split, seed, step, shards).
+
+  Data-parallel runs give every device its own data shard: `split` (this
+  process's share of the training split) is cut into len(shards) equal
+  contiguous parts, one per local device, each serving batch_size //
+  len(shards) rows in its own order; `shards` are those devices' global shard
+  numbers. So the global batch is the same whether its devices sit in one
+  process or in several, when the processes' shares have equal sizes.
+  """
+  if batch_size % len(shards):
+    raise DataError(f'Batch size {batch_size} does not split over {len(shards)} data shards.')
+  parts = []
+  for position, shard in enumerate(shards):
+    start, stop = _shard(split.num_examples, position, len(shards))
+    rows = start + batch_rows(stop - start, batch_size // len(shards), seed, step, shard)
+    noise = np.random.default_rng([seed, _TRAIN_NOISE, step, shard])
+    parts.append(_serve(split, rows, data, noise))
+  return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 
 def train_batches(
@@ -597,18 +622,29 @@ def train_batches(
 
 
 def eval_batches(
-  split: Split, data: ml_collections.ConfigDict, batch_size: int, seed: int
+  split: Split,
+  data: ml_collections.ConfigDict,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Every example once, in row order; the last batch is padded, mask False.
+  """Every example once, in row order, in global batches of batch_size; the
+  last batch is padded, mask False. Yields this process's contiguous part of
+  each global batch (split is the whole eval split on every process).
 
   Padding rows repeat row 0. Dynamic binarisation is seeded by the batch
-  number, so every evaluation sees the same draws.
+  number and drawn for the whole global batch, so every evaluation sees the
+  same draws however many processes share it.
   """
+  if batch_size % process_count:
+    raise DataError(f'Eval batch size {batch_size} does not split over {process_count} processes.')
+  own = slice(*_shard(batch_size, process_index, process_count))
 
   def serve(b, rows_and_mask):
     rows, mask = rows_and_mask
     batch = _serve(split, rows, data, np.random.default_rng([seed, _EVAL_NOISE, b]))
-    return {**batch, 'mask': mask}
+    return {k: v[own] for k, v in {**batch, 'mask': mask}.items()}
 
   return itertools.starmap(serve, enumerate(eval_rows(split.num_examples, batch_size)))
 

@@ -49,3 +49,17 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def replicate(tree, mesh: Mesh):
   """Puts a host pytree (e.g. the part bank) on every device."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def data_shards() -> range:
+  """The global data-shard numbers of this process's devices: one shard per
+  device, numbered process by process (input_pipeline.train_batch)."""
+  local = jax.local_device_count()
+  return range(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
+def local_copy(tree):
+  """Host NumPy copies of a pytree of replicated arrays, for work one process
+  does alone (pictures, FID): computing on arrays that span other processes'
+  devices would wait for those processes."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

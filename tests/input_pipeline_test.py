@@ -293,6 +293,46 @@ class EmbeddedTest(absltest.TestCase):
     )
     np.testing.assert_array_equal(np.sort(ids), self.train.index)
 
+  def test_data_shards_do_not_depend_on_the_process_count(self):
+    # Two devices in one process == one device in each of two processes.
+    n = self.train.num_examples // 2 * 2
+    whole = input_pipeline.Split(
+      self.train.images[:n], self.train.canvas_images[:n], self.train.index[:n]
+    )
+    halves = [
+      input_pipeline.Split(whole.images[r], whole.canvas_images[r], whole.index[r])
+      for r in (slice(0, n // 2), slice(n // 2, n))
+    ]
+    for step in (0, 7, 100):
+      one = input_pipeline.train_batch(whole, self.data, 32, 5, step, shards=(0, 1))
+      two = [
+        input_pipeline.train_batch(half, self.data, 16, 5, step, shards=(shard,))
+        for shard, half in enumerate(halves)
+      ]
+      for key in one:
+        np.testing.assert_array_equal(one[key], np.concatenate([t[key] for t in two]))
+      # Each device's rows come from its own half, 16 distinct ones.
+      self.assertTrue(np.isin(one['index'][:16], halves[0].index).all())
+      self.assertTrue(np.isin(one['index'][16:], halves[1].index).all())
+      self.assertLen(np.unique(one['index']), 32)
+    # Shard 0 alone is the unsharded batch.
+    plain = input_pipeline.train_batch(halves[0], self.data, 16, 5, 3)
+    sharded = input_pipeline.train_batch(halves[0], self.data, 16, 5, 3, shards=(0,))
+    np.testing.assert_array_equal(plain['image'], sharded['image'])
+    with self.assertRaisesRegex(DataError, 'does not split over 3'):
+      input_pipeline.train_batch(whole, self.data, 32, 5, 0, shards=(0, 1, 2))
+
+  def test_eval_batches_split_over_processes(self):
+    whole = list(input_pipeline.eval_batches(self.test, self.data, 64, seed=0))
+    parts = [
+      list(input_pipeline.eval_batches(self.test, self.data, 64, 0, index, 4)) for index in range(4)
+    ]
+    for b, batch in enumerate(whole):
+      for key in batch:
+        np.testing.assert_array_equal(batch[key], np.concatenate([part[b][key] for part in parts]))
+    with self.assertRaisesRegex(DataError, 'does not split over 3'):
+      next(input_pipeline.eval_batches(self.test, self.data, 64, 0, 0, 3))
+
   def test_eval_batches(self):
     ids, batches = _eval_ids(self.test, self.data, 64, seed=0)
     np.testing.assert_array_equal(ids, self.test.index)  # Row order, once each.

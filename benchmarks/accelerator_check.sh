@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The accelerator check: on a GPU or TPU host with the package installed
+# (pip install -e . plus the accelerator's jax, e.g. 'jax[cuda12]' or 'jax[tpu]'),
+# in under 10 minutes, appends to benchmarks/RESULTS.md:
+#   - the stage-2 and prior steps at the reference configurations in float32
+#     and bfloat16 (images/s, achieved FLOP/s against a matmul timed in the run);
+#   - a 2,000-step MNIST training run on the embedded digits, to a logged NLL.
+# Usage: bash benchmarks/accelerator_check.sh [--quick]   (--quick: a CPU dry run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+quick=()
+steps=2000
+if [[ "${1:-}" == --quick ]]; then
+  quick=(--quick)
+  steps=20
+elif python -c 'import jax, sys; sys.exit(jax.default_backend() != "cpu")'; then
+  echo "accelerator_check: JAX sees only a CPU; install the accelerator's jax first." >&2
+  exit 2
+fi
+python -c 'import jax; print("devices:", jax.devices())'
+# Each part has its own time limit, so that one slow part cannot take the rest's time.
+timeout 330 python -m benchmarks.run "${quick[@]}" --only=stage2,prior,dtype
+timeout 240 python -m benchmarks.training_run --steps="$steps"
