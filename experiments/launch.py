@@ -2,15 +2,21 @@
 
   python -m experiments.<dataset> --workdir=DIR [--config=FILE]
       [--config.FIELD=VALUE ...] [--stages=bank,parse,...] [--verbose]
+      [--allow_changed_settings]
 
 The stages run in the order given; each skips itself when its artifact in DIR
-is current for the configuration. One run at a time holds DIR (a lock on
-DIR/.lock, taken by process 0); a second one stops at once. A user error (a
+is current for the configuration. Before any stage writes, prior or VAE
+checkpoints recorded under other settings stop the run (changed training
+settings go on with --allow_changed_settings, and are recorded). One run at a
+time holds DIR (a lock on DIR/.lock, taken by process 0); a second one stops
+at once. A user error (a
 bad flag or config field, unusable data, checkpoints of other settings, a
 missing earlier stage, a full disk, a workdir held by another run) ends the
 command with one line on stderr and exit status 2; --verbose (or
-NPDRAW_VERBOSE=1) prints its traceback first. Anything else is a bug and ends
-with Python's traceback.
+NPDRAW_VERBOSE=1) prints its traceback first. A Ctrl-C stops the run after the
+training step in progress (or before the next stage), its work saved, with one
+line and exit status 130; a second Ctrl-C ends it at once. Anything else is a
+bug and ends with Python's traceback.
 """
 
 import contextlib
@@ -27,7 +33,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from npdraw_jax import errors, evaluate, pipeline, train_prior, train_vae, workdir_lock
+from npdraw_jax import (
+  errors,
+  evaluate,
+  interrupt,
+  pipeline,
+  train_prior,
+  train_vae,
+  workdir_lock,
+)
 
 # Stage name -> function(config, workdir). Later stages join as they land.
 STAGES: dict[str, Callable] = {
@@ -39,6 +53,7 @@ STAGES: dict[str, Callable] = {
 }
 DEFAULT_STAGES = tuple(STAGES)
 USER_ERROR_STATUS = 2  # The exit status of a user error, as for a command-line mistake.
+INTERRUPTED_STATUS = 130  # The exit status after a Ctrl-C, as for a shell's SIGINT.
 VERBOSE_ENV = 'NPDRAW_VERBOSE'  # Set to 1: user errors print their traceback too.
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -51,6 +66,32 @@ def check_stages(names: list[str]) -> list[str]:
   if not names:
     raise errors.ConfigError('--stages is empty.')
   return names
+
+
+# Stages whose checkpoint records a run checks (they take allow_changed_settings).
+SETTINGS_CHECKED = ('prior', 'vae', 'eval')
+
+
+def check_before_work(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  stages: list[str],
+  allow_changed_settings: bool = False,
+) -> None:
+  """Refuses, before any stage writes anything, a run whose stages would meet
+  checkpoints recorded under other settings; reads only.
+
+  When a requested stage would train, read or rebuild anything the prior and
+  VAE checkpoints depend on, their records must match the configuration
+  (checkpointing.check_settings): a K=12 rerun of a finished workdir stops
+  here, not after the bank and parses are rebuilt.
+  """
+  rebuilds = any(
+    name in ('bank', 'parse') and not pipeline.is_current(config, workdir, name) for name in stages
+  )
+  if rebuilds or set(stages) & set(SETTINGS_CHECKED):
+    train_prior.check_recorded_settings(config, workdir, allow_changed_settings)
+    train_vae.check_recorded_settings(config, workdir, allow_changed_settings)
 
 
 class _QuietCheckpointer(python_logging.Filter):
@@ -225,8 +266,12 @@ def run_app(main: Callable[[list[str]], None], define_flags: Callable[[], None] 
     define_flags()
 
   def reporting_main(argv):
-    with _user_errors_end_the_command(user_error_message):
-      main(argv)
+    try:
+      with _user_errors_end_the_command(user_error_message):
+        main(argv)
+    except errors.Interrupted as stop:  # What was finished is saved: one line suffices.
+      sys.stderr.write(f'{stop}\n')
+      sys.exit(INTERRUPTED_STATUS)
 
   app.run(reporting_main, flags_parser=_parse_flags)
 
@@ -244,6 +289,12 @@ def run(config_name: str) -> None:
     )
     flags.DEFINE_string('workdir', None, 'Directory for artifacts and checkpoints.')
     flags.DEFINE_list('stages', list(DEFAULT_STAGES), 'Stages to run, in order.')
+    flags.DEFINE_bool(
+      'allow_changed_settings',
+      False,
+      'Continue the prior and VAE checkpoints under training settings other than those '
+      'they recorded (the change is recorded); shapes and data must still match.',
+    )
     flags.mark_flag_as_required('workdir')
 
   def main(argv):
@@ -253,11 +304,15 @@ def run(config_name: str) -> None:
     config = flags.FLAGS.config
     workdir = os.path.abspath(flags.FLAGS.workdir)
     prepare(config)
+    allow_changed_settings = flags.FLAGS.allow_changed_settings
     os.makedirs(workdir, exist_ok=True)
-    with hold_workdir(workdir):
+    with hold_workdir(workdir), interrupt.handled():
+      check_before_work(config, workdir, stages, allow_changed_settings)
       for name in stages:
+        interrupt.stop_if_requested(before_stage=name)
         logging.info('=== Stage %s ===', name)
-        STAGES[name](config, workdir)
+        options = {'allow_changed_settings': allow_changed_settings}
+        STAGES[name](config, workdir, **(options if name in SETTINGS_CHECKED else {}))
     logging.info('Done: %s in %s.', ','.join(stages), workdir)
 
   run_app(main, define_flags)

@@ -1,14 +1,21 @@
 """Stage artifacts: .npz files written atomically, tagged with their settings.
 
-A stage is finished when its artifact exists and was made with the settings
-the current configuration asks for; an interrupted write leaves no artifact.
+A stage is finished when its artifact exists, reads back whole and was made
+with the settings the current configuration asks for; an interrupted write
+leaves no artifact. Each artifact stores the SHA-256 of its arrays, computed
+at save, so that a damaged file (truncated, bytes flipped) is found and
+treated as missing rather than read as data.
 """
 
+import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 from absl import logging
+
+CHECKSUM_KEY = 'sha256'  # The array holding the checksum of the others.
 
 
 def _write_atomically(path: str, mode: str, write) -> None:
@@ -20,8 +27,20 @@ def _write_atomically(path: str, mode: str, write) -> None:
   os.replace(tmp, path)
 
 
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+  """SHA-256 hex digest of named arrays: names, dtypes, shapes and bytes, by name."""
+  digest = hashlib.sha256()
+  for name in sorted(arrays):
+    array = np.ascontiguousarray(arrays[name])
+    digest.update(f'{name}|{array.dtype.str}|{array.shape}|'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
 def save_npz(path: str, **arrays) -> None:
-  """Writes arrays to path atomically."""
+  """Writes arrays and their checksum to path atomically."""
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  arrays[CHECKSUM_KEY] = np.asarray(checksum(arrays))
   _write_atomically(path, 'wb', lambda f: np.savez(f, **arrays))
 
 
@@ -36,24 +55,39 @@ def to_json(settings: dict) -> str:
 
 
 def settings_of(path: str) -> dict | None:
-  """The settings recorded in an artifact, or None when there is none."""
+  """The settings recorded in an artifact that reads back whole and matches
+  its checksum; None (with a log line saying why) otherwise."""
   if not os.path.exists(path):
     return None
   try:
     with np.load(path) as f:
-      return json.loads(str(f['settings']))
-  except (OSError, ValueError, KeyError) as e:
-    logging.warning('Ignoring unreadable artifact %s: %s', path, e)
+      arrays = {name: f[name] for name in f.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    logging.warning('%s is unreadable (%s); treating it as missing.', path, e)
     return None
+  stored = arrays.pop(CHECKSUM_KEY, None)
+  if stored is None or 'settings' not in arrays:
+    logging.warning(
+      '%s has no checksum or settings (an earlier version wrote it); treating it as missing.',
+      path,
+    )
+    return None
+  if str(stored) != checksum(arrays):
+    logging.warning(
+      '%s is corrupt: its arrays do not match the checksum stored at save; treating it as missing.',
+      path,
+    )
+    return None
+  return json.loads(str(arrays['settings']))
 
 
 def is_current(path: str, settings: dict) -> bool:
-  """Whether path holds an artifact made with exactly these settings."""
+  """Whether path holds an intact artifact made with exactly these settings."""
   found = settings_of(path)
   if found is None:
     return False
   # Round-trip through JSON so tuples and lists compare alike.
   if found == json.loads(to_json(settings)):
     return True
-  logging.info('%s was made with other settings; rebuilding it.', path)
+  logging.info('%s was made with other settings.', path)
   return False

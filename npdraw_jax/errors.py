@@ -23,3 +23,23 @@ class MissingArtifactError(UserError, FileNotFoundError):
 
 class WorkdirLockedError(UserError):
   """Another run holds the workdir."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Training produced a NaN or infinity; the message names the step, what was
+  non-finite and the checkpoint that is kept."""
+
+
+class Interrupted(Exception):
+  """The run stopped at a Ctrl-C (npdraw_jax/interrupt.py) with its finished work
+  saved. Not a UserError: the launcher prints the message and exits with 130,
+  the status of a command ended by SIGINT.
+
+  Args:
+    where: where it stopped, e.g. 'Stage prior: interrupted at step 57'.
+    step: the training step saved last, when it stopped in a training loop.
+  """
+
+  def __init__(self, where: str, step: int | None = None):
+    super().__init__(f'{where}; rerun the same command to resume')
+    self.step = step

@@ -1,8 +1,8 @@
 """The non-parametric stages: part bank and parses, written under the workdir.
 
 Each stage records the settings it ran with; a rerun with the same settings
-skips it, and a changed setting rebuilds it (and, through the recorded bank
-settings, every parse made from the old bank).
+skips it, and a changed setting or a damaged file rebuilds it (and, through
+the recorded bank settings, every parse made from the old bank).
 """
 
 import os
@@ -56,6 +56,16 @@ def parse_settings(config: ml_collections.ConfigDict) -> dict:
   }
 
 
+def is_current(config: ml_collections.ConfigDict, workdir: str, stage: str) -> bool:
+  """Whether the artifact of stage 'bank' or 'parse' in workdir is intact and
+  made under this configuration (so that running the stage writes nothing)."""
+  name, settings = {
+    'bank': (PARTBANK_FILE, bank_settings),
+    'parse': (PARSES_FILE, parse_settings),
+  }[stage]
+  return artifacts.is_current(os.path.join(workdir, name), settings(config))
+
+
 def build_bank(config: ml_collections.ConfigDict, images: np.ndarray) -> partbank.PartBank:
   """The part bank of training images [N, Hc, Wc, C] in [0, 1] under a configuration."""
   return partbank.build(
@@ -81,8 +91,7 @@ def _canvas_images(split: input_pipeline.Split) -> np.ndarray:
 def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBank:
   """Builds DIR/partbank.npz (and partbank.png) unless it is current."""
   path = os.path.join(workdir, PARTBANK_FILE)
-  settings = bank_settings(config)
-  if artifacts.is_current(path, settings):
+  if is_current(config, workdir, 'bank'):
     logging.info('Stage bank: %s is current; skipping.', path)
     return partbank.load(path)
   train = input_pipeline.load_split(config.data, 'train')
@@ -108,13 +117,12 @@ def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBa
 def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
   """Parses both splits into DIR/parses.npz (and parses.png) unless current."""
   path = os.path.join(workdir, PARSES_FILE)
-  settings = parse_settings(config)
-  if artifacts.is_current(path, settings):
+  if is_current(config, workdir, 'parse'):
     logging.info('Stage parse: %s is current; skipping.', path)
     with np.load(path) as f:
       return dict(f)
   bank_path = os.path.join(workdir, PARTBANK_FILE)
-  if not artifacts.is_current(bank_path, bank_settings(config)):
+  if not is_current(config, workdir, 'bank'):
     raise errors.MissingArtifactError(
       f'Stage parse needs the part bank of this configuration at {bank_path}: '
       'run the bank stage first (--stages=bank,parse).'
@@ -157,7 +165,8 @@ def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.n
     if name == 'test' and jax.process_index() == 0:
       _save_parse_picture(os.path.join(workdir, 'parses.png'), grid, bank, images, parse)
   if jax.process_index() == 0:
-    artifacts.save_npz(path, settings=np.asarray(artifacts.to_json(settings)), **arrays)
+    settings = np.asarray(artifacts.to_json(parse_settings(config)))
+    artifacts.save_npz(path, settings=settings, **arrays)
   return arrays
 
 

@@ -1,11 +1,16 @@
 """What both training stages share: state, optimizer, metrics, the loop."""
 
+import collections
+import dataclasses
 import json
 import math
 import os
+import statistics
+import tempfile
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -13,9 +18,14 @@ from clu import metric_writers
 from flax.training import train_state
 from tqdm import tqdm
 
-from npdraw_jax import checkpointing, sharding
+from npdraw_jax import checkpointing, errors, interrupt, sharding
 
 METRICS_FILE = 'metrics.jsonl'
+LOSS_NAMES = ('loss', 'nll')  # The stages' names of their training objective.
+EXPLOSION_FACTOR = 100.0  # A logged loss this many times the run's median so far warns.
+# How many dispatched steps may be unfinished on the device (JAX runs ahead of
+# the host): enough to keep the device fed, few enough for a true progress bar.
+MAX_STEPS_AHEAD = 2
 
 
 class TrainState(train_state.TrainState):
@@ -73,6 +83,48 @@ class MetricsLog:
       os.path.join(workdir, 'tensorboard', stage), just_logging=not self._writes
     )
 
+  def drop_after(self, step: int) -> None:
+    """Keeps metrics.jsonl the true history of a run that resumes from `step`.
+
+    Drops this stage's lines past `step` (written after the checkpoint the run
+    resumes from, so the resumed run writes them again); all but the last of
+    lines that repeat one (stage, step, split), as a line a stage writes
+    before training does when no checkpoint was saved; and lines cut short by
+    a killed write. Other stages' lines stay. Rewrites the file atomically,
+    and only when a line goes.
+    """
+    if not self._writes or not os.path.exists(self._path):
+      return
+    with open(self._path) as f:
+      lines = f.read().splitlines()
+    records = []
+    for line in lines:
+      try:
+        records.append((line, json.loads(line)))
+      except json.JSONDecodeError:
+        logging.warning('Dropping a line cut short in %s: %r', self._path, line)
+    last_of = {
+      (r['step'], r['split']): i for i, (_, r) in enumerate(records) if r['stage'] == self.stage
+    }
+    kept = [
+      line
+      for i, (line, r) in enumerate(records)
+      if r['stage'] != self.stage or (r['step'] <= step and last_of[r['step'], r['split']] == i)
+    ]
+    if len(kept) == len(lines):
+      return
+    logging.info(
+      'Stage %s resumes from step %d: %d later or repeated lines leave %s.',
+      self.stage,
+      step,
+      len(lines) - len(kept),
+      self._path,
+    )
+    directory = os.path.dirname(self._path)
+    with tempfile.NamedTemporaryFile('w', dir=directory, suffix='.tmp', delete=False) as f:
+      f.write(''.join(line + '\n' for line in kept))
+    os.replace(f.name, self._path)
+
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     metrics = {k: float(v) for k, v in metrics.items()}
     self._writer.write_scalars(step, {f'{split}/{k}': v for k, v in metrics.items()})
@@ -86,14 +138,88 @@ class MetricsLog:
     self._writer.close()
 
 
-def check_finite(metrics: dict[str, float], step: int, stage: str) -> None:
-  """Stops the run on a NaN or infinite metric, naming the step."""
-  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-  if bad:
-    raise FloatingPointError(
-      f'Stage {stage}: non-finite {bad} at step {step}. Stopped without saving this '
-      'state; the last good checkpoint is kept.'
-    )
+@jax.jit
+def _finite_parts(parts: dict) -> dict:
+  """For each named pytree of parts: whether all its floating leaves are finite."""
+
+  def all_finite(tree) -> jax.Array:
+    leaves = [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+  return {name: all_finite(tree) for name, tree in parts.items()}
+
+
+def check_finite(state: TrainState, metrics: dict) -> tuple[dict[str, float], list[str]]:
+  """(the metrics on the host, what is non-finite) after a step.
+
+  What is non-finite is named as the metrics ('loss=nan'), 'parameters',
+  'optimizer state' and any other field of the state holding floats (e.g.
+  'batch_stats'). The state is checked on its devices, in one jitted
+  reduction; only the verdicts and the metrics come to the host.
+  """
+  parts = {'parameters': state.params, 'optimizer state': state.opt_state}
+  for field in dataclasses.fields(state):
+    if field.metadata.get('pytree_node', True) and field.name not in ('params', 'opt_state'):
+      parts[field.name] = getattr(state, field.name)
+  finite, metrics = jax.device_get((_finite_parts(parts), metrics))
+  values = {k: float(v) for k, v in metrics.items()}
+  non_finite = [f'{k}={v}' for k, v in values.items() if not math.isfinite(v)]
+  non_finite += [name for name, ok in finite.items() if not ok]
+  return values, non_finite
+
+
+class _LossWatch:
+  """Warns when the logged loss explodes while staying finite.
+
+  The rule: a logged loss (the first of LOSS_NAMES in the metrics) whose
+  magnitude is over EXPLOSION_FACTOR times the median magnitude of the
+  earlier logged losses of this run explodes. A median shrugs off the high
+  losses of the first steps, and exploded values stay out of it, so a lasting
+  explosion does not raise its own bar. One warning per explosion: the next
+  comes only after the loss has been back under the bar.
+  """
+
+  def __init__(self, stage: str):
+    self._stage = stage
+    self._history = []
+    self._exploding = False
+
+  def observe(self, step: int, metrics: dict[str, float]) -> None:
+    name = next((k for k in LOSS_NAMES if k in metrics), None)
+    if name is None:
+      return
+    size = abs(metrics[name])
+    bar = EXPLOSION_FACTOR * statistics.median(self._history) if self._history else math.inf
+    if size <= bar:
+      self._history.append(size)
+      self._exploding = False
+      return
+    if not self._exploding:
+      logging.warning(
+        'Stage %s: %s = %.4g at step %d, over %g times the median %.4g of the earlier '
+        'logged values; training is diverging (a lower learning rate may help).',
+        self._stage,
+        name,
+        metrics[name],
+        step,
+        EXPLOSION_FACTOR,
+        bar / EXPLOSION_FACTOR,
+      )
+    self._exploding = True
+
+
+def _close_after_stop(checkpoints: checkpointing.Checkpoints, metrics_log: MetricsLog, bar) -> int:
+  """Waits for the saves in flight and flushes the metrics; the step of the
+  newest checkpoint on disk, or -1 when there is none."""
+  bar.close()
+  metrics_log.close()
+  checkpoints.close()
+  latest = checkpoints.latest_step()
+  return -1 if latest is None else latest
 
 
 def train_loop(
@@ -116,33 +242,75 @@ def train_loop(
   train_step(state, batch) -> (state, metrics); batch_at(step) gives the
   (global) batch of a step, so a resumed run sees the data it would have.
   evaluate(state) runs every eval_every steps and at the last; its results
-  are logged under eval_split (the split it measures).
-  Metrics are fetched from the device only at log, eval and checkpoint steps.
+  are logged under eval_split (the split it measures). The metrics of
+  log_every steps and of checkpoint steps are logged; metrics.jsonl loses the
+  stage's lines past the step it starts from (MetricsLog.drop_after).
   `description` (what is trained, on what) is logged when steps remain; a
   state already at num_steps is returned as it is.
+
+  Safety: before each log, evaluation and save, check_finite checks the new
+  state and the step's metrics; anything non-finite closes `checkpoints`
+  (waiting for saves in flight) and raises errors.NonFiniteError, so no
+  non-finite state is saved or evaluated. A finite loss that explodes is
+  warned about (_LossWatch). A stop asked for with Ctrl-C (npdraw_jax/
+  interrupt.py) is honoured after the step in progress: that step is checked
+  and saved, `checkpoints` closed, and errors.Interrupted raised.
+
+  The host dispatches at most MAX_STEPS_AHEAD steps beyond those the device
+  has finished, and the progress bar counts finished steps.
   """
   start = int(jax.device_get(state.step))
+  metrics_log.drop_after(start)
   if start >= num_steps:
     logging.info('Stage %s: already trained to step %d; skipping.', stage, start)
     return state
   logging.info('Stage %s: steps %d -> %d, %s.', stage, start, num_steps, description)
   bar = tqdm(total=num_steps, initial=start, desc=stage, unit='step', dynamic_ncols=True)
+  loss_watch = _LossWatch(stage)
+  unfinished = collections.deque()  # The metrics of steps the device may still run.
   for step in range(start, num_steps):
     state, metrics = train_step(state, batch_at(step))
+    unfinished.append(metrics)
     done = step + 1
     is_last = done == num_steps
     will_save = is_last or checkpoints.is_due(done)
-    if will_save or done % log_every == 0:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      check_finite(values, done, stage)
+    will_log = will_save or done % log_every == 0
+    will_eval = bool(eval_every) and (done % eval_every == 0 or is_last)
+    if not (will_save or will_log or will_eval or interrupt.requested()):
+      if len(unfinished) > MAX_STEPS_AHEAD:
+        jax.block_until_ready(unfinished.popleft())
+        bar.update(1)
+      continue
+    values, non_finite = check_finite(state, metrics)
+    bar.update(len(unfinished))  # Fetching the metrics waited for every step.
+    unfinished.clear()
+    if non_finite:
+      kept = _close_after_stop(checkpoints, metrics_log, bar)
+      raise errors.NonFiniteError(
+        f'Stage {stage}: non-finite {", ".join(non_finite)} at step {done}; that state was '
+        'not saved. '
+        + (
+          f'The last checkpoint, step {kept}, is kept in {checkpoints.directory}.'
+          if kept >= 0
+          else f'{checkpoints.directory} holds no checkpoint.'
+        )
+        + ' Lower the learning rate (or check the data) before training again.'
+      )
+    if will_log:
       metrics_log.write(done, 'train', values)
-      bar.set_postfix({k: f'{v:.4g}' for k, v in values.items() if k in ('loss', 'nll')})
-    if eval_every and (done % eval_every == 0 or is_last):
+      loss_watch.observe(done, values)
+      bar.set_postfix({k: f'{v:.4g}' for k, v in values.items() if k in LOSS_NAMES})
+    if will_eval:
       results = evaluate(state)
       metrics_log.write(done, eval_split, results)
       logging.info('%s step %d %s: %s', stage, done, eval_split, results)
-    checkpoints.save(done, state, force=is_last)
-    bar.update(1)
+    # Asked for during the step or the evaluation; the last step ends the loop anyway.
+    stopping = interrupt.requested() and not is_last
+    if will_save or stopping:
+      checkpoints.save(done, state, force=True)
+    if stopping:
+      _close_after_stop(checkpoints, metrics_log, bar)
+      raise errors.Interrupted(f'Stage {stage}: interrupted at step {done}', step=done)
   bar.close()
   return state
 

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from npdraw_jax import canvas as canvas_lib
 from npdraw_jax import (
-  artifacts,
   checkpointing,
   errors,
   input_pipeline,
@@ -31,7 +31,6 @@ from npdraw_jax import (
   sharding,
   train_lib,
 )
-from npdraw_jax import canvas as canvas_lib
 from npdraw_jax.models import prior as prior_lib
 
 STAGE = 'prior'
@@ -42,11 +41,13 @@ SEQUENCE_KEYS = ('pres', 'where', 'what')
 def load_parses(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
   """{'pres', 'where', 'what'} [N, T] of a split, checked against the config."""
   path = os.path.join(workdir, pipeline.PARSES_FILE)
-  if not artifacts.is_current(path, pipeline.parse_settings(config)):
-    raise errors.MissingArtifactError(
-      f'{path} is missing or was made under other settings: run the bank and parse '
-      'stages first (--stages=bank,parse).'
-    )
+  # The bank too: the later stages load it. A damaged file was logged as such.
+  for stage, name in (('parse', pipeline.PARSES_FILE), ('bank', pipeline.PARTBANK_FILE)):
+    if not pipeline.is_current(config, workdir, stage):
+      raise errors.MissingArtifactError(
+        f'{os.path.join(workdir, name)} is missing or was made under other settings: run '
+        'the bank and parse stages first (--stages=bank,parse).'
+      )
   with np.load(path) as f:
     return {k: f[f'{split}_{k}'] for k in SEQUENCE_KEYS}
 
@@ -69,6 +70,23 @@ def checkpoint_settings(config: ml_collections.ConfigDict, num_locations: int) -
       },
     },
   }
+
+
+# Every setting besides the restore settings that shapes what the prior learns.
+TRAINING_FIELDS = (
+  'seed',
+  'model.compute_dtype',
+  'prior.dropout',
+  'prior.batch_size',
+  'prior.lr',
+  'prior.warmup_steps',
+  'prior.train_steps',  # The length of the cosine schedule.
+)
+
+
+def training_settings(config: ml_collections.ConfigDict) -> dict:
+  """{config field: value} of what shapes the prior's training (its record)."""
+  return checkpointing.config_fields(config, TRAINING_FIELDS)
 
 
 def history_free_nll(
@@ -158,7 +176,21 @@ def make_init_fn(config: ml_collections.ConfigDict, model: prior_lib.Prior, sche
   return init_fn
 
 
-def open_checkpoints(config, workdir, grid) -> checkpointing.Checkpoints:
+def check_recorded_settings(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> None:
+  """Raises when DIR/prior holds checkpoints of other settings; writes nothing."""
+  checkpointing.check_settings(
+    os.path.join(workdir, STAGE),
+    checkpoint_settings(config, pipeline.grid_from_config(config).num_locations),
+    training_settings(config),
+    allow_changed_settings,
+  )
+
+
+def open_checkpoints(
+  config, workdir, grid, allow_changed_settings: bool = False, read_only: bool = False
+) -> checkpointing.Checkpoints:
   """The stage-1 checkpoints in DIR/prior, checked against the configuration."""
   return checkpointing.Checkpoints(
     os.path.join(workdir, STAGE),
@@ -166,25 +198,57 @@ def open_checkpoints(config, workdir, grid) -> checkpointing.Checkpoints:
     keep=config.prior.keep_checkpoints,
     every=config.prior.checkpoint_every,
     config=config,
+    training=training_settings(config),
+    allow_changed_settings=allow_changed_settings,
+    read_only=read_only,
   )
 
 
-def restore_trained_params(config: ml_collections.ConfigDict, workdir: str, mesh):
-  """The trained prior's parameters (replicated), for the later stages."""
+def open_trained(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> checkpointing.Checkpoints:
+  """DIR/prior's checkpoints, read-only, checked to be of this configuration and
+  trained to prior.train_steps; a MissingArtifactError naming the stage otherwise."""
   grid = pipeline.grid_from_config(config)
-  checkpoints = open_checkpoints(config, workdir, grid)
+  checkpoints = open_checkpoints(config, workdir, grid, allow_changed_settings, read_only=True)
   step = checkpoints.latest_step()
   if step is None or step < config.prior.train_steps:
+    checkpoints.close()
     raise errors.MissingArtifactError(
       f'The later stages need the prior trained to step {config.prior.train_steps} in '
       f'{checkpoints.directory} (found: {step}): run the prior stage first.'
     )
+  return checkpoints
+
+
+def restore_trained_params(
+  config: ml_collections.ConfigDict, workdir: str, mesh, allow_changed_settings: bool = False
+):
+  """The trained prior's parameters (replicated), for the later stages; reads only."""
+  checkpoints = open_trained(config, workdir, allow_changed_settings)
+  grid = pipeline.grid_from_config(config)
   model = prior_lib.make_prior(config, grid.num_locations)
   p = config.prior
   schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
   state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model, schedule), mesh)
   checkpoints.close()
   return state.params
+
+
+def record_training(
+  checkpoints: checkpointing.Checkpoints, start: int, num_steps: int, stage: str
+) -> None:
+  """Records the run's settings when it trains steps start..num_steps; says
+  so when changed settings have no step left to act on."""
+  if start < num_steps:
+    checkpoints.record_training(start)
+  elif checkpoints.has_unapplied_changes():
+    logging.warning(
+      'Stage %s is already trained to step %d: no step is left to train under the changed '
+      'settings, so its checkpoints and their record stay those of the recorded settings.',
+      stage,
+      start,
+    )
 
 
 def _rows_of_process(*arrays: np.ndarray):
@@ -194,8 +258,14 @@ def _rows_of_process(*arrays: np.ndarray):
   return arrays[0][own] if len(arrays) == 1 else tuple(a[own] for a in arrays)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_lib.TrainState:
-  """Trains (or finishes training) the prior; returns the final state."""
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> train_lib.TrainState:
+  """Trains (or finishes training) the prior; returns the final state.
+
+  allow_changed_settings: continue DIR/prior's checkpoints under training
+  settings other than those recorded (else that is an error).
+  """
   grid = pipeline.grid_from_config(config)
   train_parses = load_parses(config, workdir, 'train')  # Current parses imply a current bank.
   test_parses = load_parses(config, workdir, 'test')
@@ -208,8 +278,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   model = prior_lib.make_prior(config, grid.num_locations)
   schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
   init_fn = make_init_fn(config, model, schedule)
-  checkpoints = open_checkpoints(config, workdir, grid)
+  checkpoints = open_checkpoints(config, workdir, grid, allow_changed_settings)
   state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
+  record_training(checkpoints, int(jax.device_get(state.step)), p.train_steps, STAGE)
   train_step, eval_step = make_steps(model, grid, mesh, schedule)
   num_train = len(train_parses['pres'])
 

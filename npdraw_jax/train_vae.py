@@ -11,6 +11,7 @@ every checkpoint (split 'holdout') and keeps the best checkpoint in
 DIR/vae/best, which the eval stage uses.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -88,6 +89,31 @@ def checkpoint_settings(config: ml_collections.ConfigDict) -> dict:
   }
 
 
+def training_settings(config: ml_collections.ConfigDict) -> dict:
+  """{config field: value} of what shapes stage 2's training (its record): the
+  prior's training settings, the loss weights and switches, optimizer, batch,
+  length, temperature and teacher-forcing schedules, and the held-out bound
+  that selects the best checkpoint."""
+  v = config.vae
+  fields = [
+    *(f'vae.{field.name}' for field in dataclasses.fields(npdraw.LossWeights)),
+    'vae.batch_size',
+    'vae.lr',
+    'vae.train_steps',
+    *(['vae.epochs'] if v.train_steps == 0 else []),  # Else it does not count.
+    'vae.tau0',
+    'vae.tau_min',
+    'vae.tau_rate',
+    'vae.teacher_forcing',
+    'vae.teacher_forcing_decay',
+    'vae.holdout_iwae_samples',
+  ]
+  return {
+    **train_prior.training_settings(config),
+    **checkpointing.config_fields(config, fields),
+  }
+
+
 class ParseLookup:
   """The parse of each example id of a split (ids come with every batch)."""
 
@@ -160,7 +186,21 @@ def make_init_fn(config, model: npdraw.NPDraw, prior_params):
   return init_fn
 
 
-def open_checkpoints(config, workdir) -> checkpointing.Checkpoints:
+def check_recorded_settings(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> None:
+  """Raises when DIR/vae holds checkpoints of other settings; writes nothing."""
+  checkpointing.check_settings(
+    os.path.join(workdir, STAGE),
+    checkpoint_settings(config),
+    training_settings(config),
+    allow_changed_settings,
+  )
+
+
+def open_checkpoints(
+  config, workdir, allow_changed_settings: bool = False, read_only: bool = False
+) -> checkpointing.Checkpoints:
   """The stage-2 checkpoints in DIR/vae, checked against the configuration."""
   return checkpointing.Checkpoints(
     os.path.join(workdir, STAGE),
@@ -168,12 +208,15 @@ def open_checkpoints(config, workdir) -> checkpointing.Checkpoints:
     keep=config.vae.keep_checkpoints,
     every=config.vae.checkpoint_every,
     config=config,
+    training=training_settings(config),
+    allow_changed_settings=allow_changed_settings,
+    read_only=read_only,
   )
 
 
-def open_best_checkpoint(workdir: str) -> checkpointing.BestCheckpoint:
+def open_best_checkpoint(workdir: str, read_only: bool = False) -> checkpointing.BestCheckpoint:
   """DIR/vae/best: the stage-2 checkpoint with the lowest held-out bound so far."""
-  return checkpointing.BestCheckpoint(os.path.join(workdir, STAGE), HOLDOUT_METRIC)
+  return checkpointing.BestCheckpoint(os.path.join(workdir, STAGE), HOLDOUT_METRIC, read_only)
 
 
 def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestCheckpoint):
@@ -213,8 +256,14 @@ def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestC
   return evaluate_holdout
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (or finishes training) the encoder and decoder; returns the state."""
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> TrainState:
+  """Trains (or finishes training) the encoder and decoder; returns the state.
+
+  allow_changed_settings: continue DIR/vae's checkpoints (and use DIR/prior's)
+  under training settings other than those recorded (else that is an error).
+  """
   v = config.vae
   train_prior.load_parses(config, workdir, 'train')  # Fails clearly when missing or stale.
   local_batch = sharding.check_batch_size(v.batch_size, 'vae.batch_size')
@@ -228,9 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   num_steps = num_train_steps(config, train.num_examples * jax.process_count())
 
   model = npdraw.make_model(config)
-  prior_params = train_prior.restore_trained_params(config, workdir, mesh)
-  checkpoints = open_checkpoints(config, workdir)
+  prior_params = train_prior.restore_trained_params(config, workdir, mesh, allow_changed_settings)
+  checkpoints = open_checkpoints(config, workdir, allow_changed_settings)
   state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model, prior_params), mesh)
+  train_prior.record_training(checkpoints, int(jax.device_get(state.step)), num_steps, STAGE)
   train_step = make_train_step(model, config, mesh, steps_per_epoch)
 
   def batch_at(step):

@@ -1,5 +1,6 @@
-"""checkpointing.BestCheckpoint: the lowest value so far, kept across reopening."""
+"""checkpointing: the best checkpoint kept across reopening; the settings record."""
 
+import json
 import os
 import tempfile
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from npdraw_jax import checkpointing
+from npdraw_jax import checkpointing, errors
 
 
 def _state(step):
@@ -54,6 +55,61 @@ class BestCheckpointTest(absltest.TestCase):
     with self.assertRaisesRegex(FileNotFoundError, 'No best checkpoint'):
       best.restore({'w': jnp.zeros(3)})
     best.close()
+
+
+class SettingsRecordTest(absltest.TestCase):
+  """The settings record: refused, allowed and recorded changes; read-only opening."""
+
+  def _open(self, directory, lr, **kwargs):
+    return checkpointing.Checkpoints(
+      directory, {'shape': 3}, keep=2, every=10, training={'a.lr': lr}, **kwargs
+    )
+
+  def test_changed_training_is_refused_then_recorded_when_allowed(self):
+    directory = tempfile.mkdtemp()
+    self._open(directory, 0.1).close()
+    path = os.path.join(directory, checkpointing.SETTINGS_FILE)
+    with open(path) as f:
+      original = f.read()
+    with self.assertRaisesRegex(
+      checkpointing.ChangedSettingsError, r'a\.lr: recorded 0\.1, requested 0\.2'
+    ):
+      self._open(directory, 0.2)
+    allowed = self._open(directory, 0.2, allow_changed_settings=True)
+    with open(path) as f:
+      self.assertEqual(f.read(), original)  # Nothing is recorded before training.
+    allowed.record_training(30)
+    allowed.close()
+    record = checkpointing.read_record(directory)
+    self.assertEqual(record['training'], {'a.lr': 0.1})
+    self.assertEqual(
+      record['changes'], [{'step': 30, 'fields': {'a.lr': {'recorded': 0.1, 'requested': 0.2}}}]
+    )
+    self.assertEqual(checkpointing.recorded_training(record), {'a.lr': 0.2})
+    self._open(directory, 0.2).close()  # The new settings are now the record's.
+    with self.assertRaises(checkpointing.IncompatibleCheckpointError):
+      checkpointing.Checkpoints(
+        directory, {'shape': 4}, 2, 10, training={'a.lr': 0.2}, allow_changed_settings=True
+      )
+
+  def test_read_only_opening_of_a_missing_stage_writes_nothing(self):
+    workdir = tempfile.mkdtemp()
+    with self.assertRaisesRegex(errors.MissingArtifactError, 'run the prior stage'):
+      self._open(os.path.join(workdir, 'prior'), 0.1, read_only=True)
+    self.assertEqual(os.listdir(workdir), [])
+
+  def test_a_record_without_training_settings_gets_them_when_training(self):
+    directory = tempfile.mkdtemp()
+    with open(os.path.join(directory, checkpointing.SETTINGS_FILE), 'w') as f:
+      json.dump({'shape': 3}, f)  # As written before training settings were recorded.
+    checkpoints = self._open(directory, 0.1)
+    checkpoints.record_training(20)
+    checkpoints.close()
+    record = checkpointing.read_record(directory)
+    self.assertEqual(record['training'], {'a.lr': 0.1})
+    self.assertEqual(record['changes'][0]['step'], 20)
+    with self.assertRaises(checkpointing.ChangedSettingsError):
+      self._open(directory, 0.2)
 
 
 if __name__ == '__main__':

@@ -132,11 +132,13 @@ class CheckpointTest(absltest.TestCase):
     workdir = two_drawings_workdir(config, copies=16)
     train_prior.train_and_evaluate(config, workdir)
     wider = prior_config(train_steps=2, checkpoint_every=1, eval_every=0, d_model=48)
-    with self.assertRaisesRegex(ValueError, r'other settings \(differing: model.d_model\)'):
+    with self.assertRaisesRegex(ValueError, r'model\.d_model: recorded 32, requested 48\)'):
       train_prior.train_and_evaluate(wider, workdir)
     ours = prior_config(train_steps=2, checkpoint_every=1, eval_every=0)
     ours.model.networks = 'ours'
-    with self.assertRaisesRegex(ValueError, r'other settings \(differing: model.networks\)'):
+    with self.assertRaisesRegex(
+      ValueError, r"\(model\.networks: recorded 'authors', requested 'ours'\)"
+    ):
       train_prior.train_and_evaluate(ours, workdir)
 
 
