@@ -13,22 +13,11 @@ decoded edit.
 
 import os
 
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 from experiments import launch
-from npdraw_jax import (
-  checkpointing,
-  editing,
-  evaluate,
-  input_pipeline,
-  partbank,
-  pictures,
-  pipeline,
-  sharding,
-  train_vae,
-)
+from npdraw_jax import api, checkpointing, editing, input_pipeline, pictures, train_vae
 
 flags.DEFINE_string('workdir', None, 'A finished run directory.')
 flags.DEFINE_integer('a', None, 'Test image whose drawing is kept outside the region.')
@@ -43,36 +32,30 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   FLAGS = flags.FLAGS
-  workdir = os.path.abspath(FLAGS.workdir)
-  config = checkpointing.read_config(os.path.join(workdir, train_vae.STAGE))
-  size = config.data.image_size
+  # The region is checked before the model loads.
+  size = checkpointing.read_config(os.path.join(FLAGS.workdir, train_vae.STAGE)).data.image_size
   try:
     region = editing.parse_region(FLAGS.region, size)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  test = input_pipeline.load_split(config.data, 'test')
+  run = api.load_run(FLAGS.workdir)
   try:
-    chosen = input_pipeline.examples_at(test, [FLAGS.a, FLAGS.b], config.data, config.seed)
+    images = run.test_images([FLAGS.a, FLAGS.b])
   except input_pipeline.DataError as e:
     raise app.UsageError(f'--a and --b must be test images: {e}') from e
-  images = chosen['image']
-  mesh = sharding.make_mesh()
-  model, state = evaluate.restore_trained_model(config, workdir, mesh)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  bank = jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts)
-  in_region = editing.locations_in_region(model.grid, region, size)
-  result = editing.edit(model, variables, bank, images[0], images[1], in_region)
+  result = run.edit(images[0], images[1], region)
   enlarge = lambda c: c.repeat(size // c.shape[0], axis=0).repeat(size // c.shape[1], axis=1)
-  panels = [images[0], images[1], *map(enlarge, result[:3]), result.decoded]
+  canvases = (result.canvas_a, result.canvas_b, result.canvas)
+  panels = [images[0], images[1], *map(enlarge, canvases), result.decoded]
   tag = FLAGS.region.replace(',', '-').replace(' ', '')
-  out = FLAGS.out or os.path.join(workdir, f'edit_{FLAGS.a}_{FLAGS.b}_{tag}.png')
+  out = FLAGS.out or os.path.join(run.workdir, f'edit_{FLAGS.a}_{FLAGS.b}_{tag}.png')
   pictures.save_grid(out, np.stack(panels).astype(np.float32), columns=len(panels), scale=4)
   logging.info(
     'Kept %d parts of A, took %d of B (%d of %d locations in the region); wrote %s.',
     result.parts_from_a,
     result.parts_from_b,
-    int(in_region.sum()),
-    in_region.size,
+    int(editing.locations_in_region(run.grid, region, size).sum()),
+    run.grid.num_locations,
     out,
   )
 

@@ -10,11 +10,14 @@ nll_authors_{eval.authors_samples} (not a bound, section 11), and, when
 eval.fid_weights names an Inception file, the FID of prior samples against the
 test split; writes the means and standard errors to DIR/metrics.jsonl (stage
 'eval', split 'test'), and draws DIR/samples.png, DIR/reconstructions.png and
-DIR/drawing.gif. The VAE stage reuses make_eval_step and test_bounds on the
-held-out images.
+DIR/drawing.gif; DIR/eval.json records the evaluated checkpoint, the eval
+settings and the summary, so that a rerun of the same eval is skipped. It
+reads the earlier stages' outputs only. The VAE stage reuses make_eval_step
+and test_bounds on the held-out images.
 """
 
 import collections
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -26,8 +29,10 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from npdraw_jax import canvas as canvas_lib
 from npdraw_jax import (
+  api,
+  artifacts,
+  checkpointing,
   distributions,
   errors,
   fid,
@@ -47,6 +52,7 @@ STAGE = 'eval'
 SAMPLES_FILE = 'samples.png'
 RECONSTRUCTIONS_FILE = 'reconstructions.png'
 DRAWING_FILE = 'drawing.gif'
+EVAL_RECORD_FILE = 'eval.json'  # The evaluated checkpoint, settings and summary.
 DRAWING_SAMPLES = 8  # Prior samples animated in drawing.gif.
 # Seed streams of the Bernoulli draws of FID's binary protocol.
 _FID_FAKE_NOISE, _FID_REAL_NOISE = 1, 2
@@ -73,30 +79,64 @@ def sample_chunk(num_samples: int, chunk_size: int, field: str) -> int:
   return chunk
 
 
-def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, mesh):
-  """(model, state) of the finished stage 2; a clear error when it is not.
-
-  The state is the VAE checkpoint with the best held-out bound when
-  data.holdout_size > 0 and one was kept, else the last; the log says which.
-  """
+def _open_trained_vae(config, workdir, allow_changed_settings):
+  """(checkpoints, best or None) of the finished stage 2, read-only; clear
+  errors naming the stage to run when an upstream output is missing."""
   # The parses list every training example: no need to load the images.
   num_train = len(train_prior.load_parses(config, workdir, 'train')['pres'])
-  model = npdraw.make_model(config)
-  prior_params = train_prior.restore_trained_params(config, workdir, mesh)
-  checkpoints = train_vae.open_checkpoints(config, workdir)
+  train_prior.open_trained(config, workdir, allow_changed_settings).close()
+  checkpoints = train_vae.open_checkpoints(config, workdir, allow_changed_settings, read_only=True)
   wanted = train_vae.num_train_steps(config, num_train)
   if (checkpoints.latest_step() or 0) < wanted:
+    checkpoints.close()
     raise errors.MissingArtifactError(
       f'The eval stage needs the VAE trained to step {wanted} in {checkpoints.directory} '
       f'(found: {checkpoints.latest_step()}): run the vae stage first.'
     )
+  best = None
+  if config.data.holdout_size > 0:
+    best = train_vae.open_best_checkpoint(workdir, read_only=True)
+    if best.best() is None:
+      best.close()
+      best = None
+  return checkpoints, best
+
+
+def evaluated_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> dict:
+  """{'which': 'best' or 'last', 'step'} of the VAE checkpoint that the eval
+  stage (and restore_trained_model) uses; reads only."""
+  checkpoints, best = _open_trained_vae(config, workdir, allow_changed_settings)
+  chosen = (
+    {'which': 'last', 'step': checkpoints.latest_step()}
+    if best is None
+    else {'which': 'best', 'step': best.best()[0]}
+  )
+  if best:
+    best.close()
+  checkpoints.close()
+  return chosen
+
+
+def restore_trained_model(
+  config: ml_collections.ConfigDict, workdir: str, mesh, allow_changed_settings: bool = False
+):
+  """(model, state) of the finished stage 2; a clear error when it is not.
+
+  The state is the VAE checkpoint with the best held-out bound when
+  data.holdout_size > 0 and one was kept, else the last; the log says which.
+  Reads only: nothing in workdir is written.
+  """
+  checkpoints, best = _open_trained_vae(config, workdir, allow_changed_settings)
+  model = npdraw.make_model(config)
+  prior_params = train_prior.restore_trained_params(config, workdir, mesh, allow_changed_settings)
   init_fn = train_vae.make_init_fn(config, model, prior_params)
-  best = train_vae.open_best_checkpoint(workdir) if config.data.holdout_size > 0 else None
-  found = best.best() if best else None
-  if found is None:
+  if best is None:
     logging.info('Using the last VAE checkpoint, step %d.', checkpoints.latest_step())
     state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
   else:
+    found = best.best()
     logging.info(
       'Using the VAE checkpoint with the best held-out bound: step %d, held-out %s %.4f '
       '(the last checkpoint is step %d).',
@@ -106,7 +146,6 @@ def restore_trained_model(config: ml_collections.ConfigDict, workdir: str, mesh)
       checkpoints.latest_step(),
     )
     state = best.restore(train_lib.abstract_state(init_fn, mesh))
-  if best:
     best.close()
   checkpoints.close()
   return model, state
@@ -198,12 +237,65 @@ def test_bounds(
   return summarise(per_image, image_dims, is_8bit)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Evaluates the trained model on the whole test split; returns the summary."""
+def eval_record_key(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> dict:
+  """What an eval's results depend on: the evaluated checkpoint (which, step
+  and its stage's settings record) and the eval's own settings."""
+  checkpoint = evaluated_checkpoint(config, workdir, allow_changed_settings)
+  checkpoint['record'] = checkpointing.read_record(os.path.join(workdir, train_vae.STAGE))
+  settings = checkpointing.config_fields(
+    config, ('seed', 'eval', 'prior.sample_temperature', 'prior.sample_top_k')
+  )
+  return {'checkpoint': checkpoint, 'settings': settings}
+
+
+def _recorded_summary(workdir: str, key: dict) -> dict[str, float] | None:
+  """The summary in DIR/eval.json when it records an eval under `key` and its
+  pictures are there, else None."""
+  path = os.path.join(workdir, EVAL_RECORD_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  pictures_there = all(
+    os.path.exists(os.path.join(workdir, name))
+    for name in (SAMPLES_FILE, RECONSTRUCTIONS_FILE, DRAWING_FILE)
+  )
+  if {k: record.get(k) for k in key} != json.loads(json.dumps(key)) or not pictures_there:
+    return None
+  return record['summary']
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> dict[str, float]:
+  """Evaluates the trained model on the whole test split; returns the summary.
+
+  An eval of the same checkpoint under the same eval settings recorded in
+  DIR/eval.json is not repeated: its summary is logged and returned. The eval
+  reads the earlier stages' outputs only; in a workdir it cannot write, the
+  summary is logged but not recorded.
+  allow_changed_settings: evaluate checkpoints trained under training
+  settings other than the configuration's (else that is an error).
+  """
+  key = eval_record_key(config, workdir, allow_changed_settings)
+  recorded = _recorded_summary(workdir, key)
+  if recorded is not None:
+    logging.info(
+      'Stage %s: the %s VAE checkpoint (step %d) is already evaluated under these settings '
+      '(%s); skipping. Its summary: %s',
+      STAGE,
+      key['checkpoint']['which'],
+      key['checkpoint']['step'],
+      os.path.join(workdir, EVAL_RECORD_FILE),
+      recorded,
+    )
+    return recorded
   # A bad weights file fails here, not after hours of importance sampling.
   inception = fid.load_inception(config.eval.fid_weights) if config.eval.fid_weights else None
   mesh = sharding.make_mesh()
-  model, state = restore_trained_model(config, workdir, mesh)
+  model, state = restore_trained_model(config, workdir, mesh, allow_changed_settings)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   bank = sharding.replicate(
     jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
@@ -228,11 +320,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     summary['fid'] = compute_fid(config, inception, model, variables, bank, whole_test)
   logging.info('Stage %s on %d test images: %s', STAGE, summary['test_images'], summary)
+  if not os.access(workdir, os.W_OK):
+    logging.warning('%s is not writable: the summary is logged only, not recorded.', workdir)
+    return summary
   metrics_log = train_lib.MetricsLog(workdir, STAGE)
   metrics_log.write(int(state.step), 'test', summary)
   metrics_log.close()
   if jax.process_index() == 0:
     write_pictures(config, workdir, model, variables, bank, test)
+    # Last: a record means that the metrics and pictures are written.
+    artifacts.save_json(os.path.join(workdir, EVAL_RECORD_FILE), {**key, 'summary': summary})
   return summary
 
 
@@ -370,32 +467,25 @@ def _interleave(columns: list[np.ndarray]) -> np.ndarray:
 def write_pictures(config, workdir, model: npdraw.NPDraw, variables, bank, test) -> None:
   """DIR/samples.png (canvas | decoded), DIR/drawing.gif (the first prior samples
   step by step) and DIR/reconstructions.png (input | canvas | output)."""
+  run = api.Run(config, model, variables, bank)
   count, size = config.eval.num_pictures, model.image_size
-
-  def decoded_mean(canvases):
-    out, _ = npdraw.decode(model, variables, jnp.asarray(canvases), train=False)
-    return np.asarray(distributions.mean_image(model.likelihood, out, model.num_mixtures))
-
-  sampler = sampling.make_sampler(model.prior, model.grid, count, config.prior.sample_top_k)
-  key = jax.random.fold_in(jax.random.key(config.seed), 4)
-  samples = sampler(variables['params']['prior'], bank, key, config.prior.sample_temperature)
-  canvases = np.asarray(samples.canvases)  # [N, T, Hc, Wc, C]
-  final = canvases[:, -1]
-  pairs = _interleave([_as_image_size(final, size), decoded_mean(final)])
+  drawing = run.sample(
+    count, config.seed, config.prior.sample_temperature, config.prior.sample_top_k or None
+  )
+  final = run.render(drawing)
+  pairs = _interleave([_as_image_size(final, size), run.decode_canvases(final)])
   pictures.save_grid(os.path.join(workdir, SAMPLES_FILE), pairs, columns=8, scale=2)
 
-  drawn = canvases[:DRAWING_SAMPLES]
-  steps = drawn.shape[1]
-  decoded = decoded_mean(drawn.reshape(-1, *drawn.shape[2:])).reshape(
-    *drawn.shape[:2], size, size, -1
-  )
-  frames = [_interleave([_as_image_size(drawn[:, t], size), decoded[:, t]]) for t in range(steps)]
+  canvases, decoded = run.frames(drawing[:DRAWING_SAMPLES])
+  frames = [
+    _interleave([_as_image_size(canvases[:, t], size), decoded[:, t]])
+    for t in range(canvases.shape[1])
+  ]
   pictures.save_animation(os.path.join(workdir, DRAWING_FILE), frames, columns=8, scale=2)
 
   chosen = np.linspace(0, test.num_examples - 1, min(count, test.num_examples)).astype(int)
   images = input_pipeline.examples_at(test, chosen, config.data, config.seed)['image']
-  q, _ = npdraw.encode(model, variables, jnp.asarray(images), train=False)
   # The most likely latents of q give the reconstruction's canvas.
-  canvas = np.asarray(canvas_lib.render(model.grid, bank, *npdraw.q_mode(q)))
-  triples = _interleave([images, _as_image_size(canvas, size), decoded_mean(canvas)])
+  canvas = run.render(run.encode(images).drawing)
+  triples = _interleave([images, _as_image_size(canvas, size), run.decode_canvases(canvas)])
   pictures.save_grid(os.path.join(workdir, RECONSTRUCTIONS_FILE), triples, columns=9, scale=2)
