@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 import configs
 from npdraw_jax import (
+  distributed,
   errors,
   evaluate,
   interrupt,
@@ -54,6 +55,7 @@ STAGES: dict[str, Callable] = {
 DEFAULT_STAGES = tuple(STAGES)
 USER_ERROR_STATUS = 2  # The exit status of a user error, as for a command-line mistake.
 INTERRUPTED_STATUS = 130  # The exit status after a Ctrl-C, as for a shell's SIGINT.
+PEER_LOST_STATUS = 1  # Another process of a distributed run died: not the user's mistake.
 VERBOSE_ENV = 'NPDRAW_VERBOSE'  # Set to 1: user errors print their traceback too.
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -242,6 +244,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return argv
 
 
+def define_distributed_flags() -> None:
+  """The flags that join a multi-process run explicitly (npdraw_jax.distributed)."""
+  flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'host:port of process 0, the same on every process of a multi-process run '
+    '(not needed on Cloud TPU, SLURM or Open MPI, which are detected).',
+  )
+  flags.DEFINE_integer('num_processes', None, 'Processes in the multi-process run.')
+  flags.DEFINE_integer('process_id', None, 'This process, in [0, --num_processes).')
+
+
+def join_distributed_run() -> None:
+  """Joins the multi-process run the flags or the cluster describe, if any;
+  before anything else asks JAX for its devices."""
+  how = distributed.initialize(
+    flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
+  )
+  if how:
+    logging.info('Joined a %d-process run (%s).', jax.process_count(), how)
+
+
 def hold_workdir(workdir: str) -> contextlib.AbstractContextManager:
   """The workdir's lock for a with block around a run's work; only process 0
   of a run takes it, so the processes of one distributed run do not refuse
@@ -272,8 +296,27 @@ def run_app(main: Callable[[list[str]], None], define_flags: Callable[[], None] 
     except errors.Interrupted as stop:  # What was finished is saved: one line suffices.
       sys.stderr.write(f'{stop}\n')
       sys.exit(INTERRUPTED_STATUS)
+    except Exception as error:
+      if not distributed.is_peer_loss(error):
+        raise
+      _end_after_peer_loss(error)
 
   app.run(reporting_main, flags_parser=_parse_flags)
+
+
+def _end_after_peer_loss(error: BaseException) -> None:
+  """One line, then exit at once: a normal exit would wait at JAX's shutdown
+  barrier for the dead process and abort there."""
+  if _verbose():
+    traceback.print_exc()
+  sys.stderr.write(
+    f'Error: another process of this {jax.process_count()}-process run stopped '
+    f'({_one_line(str(error))[:200]}). Rerun the same command on every host to resume '
+    'from the last checkpoint.\n'
+  )
+  sys.stderr.flush()
+  sys.stdout.flush()
+  os._exit(PEER_LOST_STATUS)
 
 
 # --- The pipeline command ---------------------------------------------------------
@@ -296,6 +339,7 @@ def run(config_name: str) -> None:
       'they recorded (the change is recorded); shapes and data must still match.',
     )
     flags.mark_flag_as_required('workdir')
+    define_distributed_flags()
 
   def main(argv):
     if len(argv) > 1:
@@ -303,16 +347,20 @@ def run(config_name: str) -> None:
     stages = check_stages(flags.FLAGS.stages)
     config = flags.FLAGS.config
     workdir = os.path.abspath(flags.FLAGS.workdir)
+    join_distributed_run()
     prepare(config)
     allow_changed_settings = flags.FLAGS.allow_changed_settings
     os.makedirs(workdir, exist_ok=True)
     with hold_workdir(workdir), interrupt.handled():
       check_before_work(config, workdir, stages, allow_changed_settings)
+      # Every process decides a stage's work from the files of the stages before it.
+      distributed.barrier('checked')
       for name in stages:
         interrupt.stop_if_requested(before_stage=name)
         logging.info('=== Stage %s ===', name)
         options = {'allow_changed_settings': allow_changed_settings}
         STAGES[name](config, workdir, **(options if name in SETTINGS_CHECKED else {}))
+        distributed.barrier(f'stage {name} written')
     logging.info('Done: %s in %s.', ','.join(stages), workdir)
 
   run_app(main, define_flags)

@@ -165,6 +165,15 @@ def check_settings(
   return changed
 
 
+def _barrier_names(directory: str) -> ocp.options.MultiprocessingOptions:
+  """Orbax's multi-process barriers named after the directory: the stage's
+  periodic and best checkpoints of one step must not share a barrier."""
+  parent, name = os.path.split(directory)
+  return ocp.options.MultiprocessingOptions(
+    barrier_sync_key_prefix=f'{os.path.basename(parent)}_{name}'
+  )
+
+
 class Checkpoints:
   """Periodic, final and resumable checkpoints of a train state.
 
@@ -212,7 +221,11 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=every, read_only=read_only, create=not read_only
+        max_to_keep=keep,
+        save_interval_steps=every,
+        read_only=read_only,
+        create=not read_only,
+        multiprocessing_options=_barrier_names(self.directory),
       ),
     )
 
@@ -304,6 +317,7 @@ class BestCheckpoint:
         best_mode='min',
         read_only=read_only,
         create=not read_only,
+        multiprocessing_options=_barrier_names(self.directory),
       ),
     )
     step = self._manager.best_step()

@@ -19,9 +19,9 @@ from jax.experimental import multihost_utils
 
 from npdraw_jax import errors
 
-
-class PeerLostError(errors.UserError, RuntimeError):
-  """Another process of the run stopped; the survivors stop too."""
+# Words of JAX's errors when a peer process is gone (Gloo collectives on CPU,
+# the coordination service's barriers and heartbeats elsewhere).
+_PEER_LOSS_SIGNS = ('Gloo', 'Connection reset', 'heartbeat', 'Barrier', 'UNAVAILABLE', 'DEADLINE')
 
 
 def detected_cluster(environ: Mapping[str, str]) -> str | None:
@@ -84,12 +84,17 @@ def barrier(name: str) -> None:
 
 
 def is_peer_loss(error: BaseException) -> bool:
-  """Whether error is JAX's report of a collective or a barrier broken by a
-  process of this run that died (only in multi-process runs)."""
-  if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+  """Whether error, or one it was raised from or while handling, is JAX's report
+  of a collective or a barrier broken by a process of this run that died (only
+  in multi-process runs)."""
+  if jax.process_count() == 1:
     return False
-  text = str(error)
-  return any(
-    sign in text
-    for sign in ('Gloo', 'Connection reset', 'heartbeat', 'Barrier', 'UNAVAILABLE', 'DEADLINE')
-  )
+  seen = []
+  while error is not None and all(error is not e for e in seen):
+    if isinstance(error, jax.errors.JaxRuntimeError) and any(
+      sign in str(error) for sign in _PEER_LOSS_SIGNS
+    ):
+      return True
+    seen.append(error)
+    error = error.__cause__ or error.__context__
+  return False

@@ -213,18 +213,22 @@ def test_bounds(
   description: str = '',
 ) -> dict[str, float]:
   """The summary (see summarise) of per-image bounds over the whole split `test`
-  (this process's share of the test split, or of the held-out one).
+  (the test split or the held-out one, whole on every process: each process
+  serves its part of each global batch, and every process gets every bound).
 
   bounds_fn(global batch {'image', 'mask'}, key) -> per-image bounds and 'mask',
   replicated; eval_batches binarises the images alike for every model and every
   call, and the keys are the same at every call (a fair comparison of
   checkpoints). description: the progress bar's, by default the eval's S.
   """
-  local_batch = sharding.check_batch_size(config.eval.batch_size, 'eval.batch_size')
+  batch_size = config.eval.batch_size
+  sharding.check_batch_size(batch_size, 'eval.batch_size')
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   per_image = collections.defaultdict(list)
-  batches = input_pipeline.eval_batches(test, config.data, local_batch, config.seed)
-  num_batches = -(-test.num_examples // local_batch)
+  batches = input_pipeline.eval_batches(
+    test, config.data, batch_size, config.seed, jax.process_index(), jax.process_count()
+  )
+  num_batches = -(-test.num_examples // batch_size)
   description = description or f'{STAGE} (S = {", ".join(map(str, iwae_sample_counts(config)))})'
   for b, batch in enumerate(tqdm(batches, total=num_batches, desc=description, unit='batch')):
     batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
@@ -300,7 +304,8 @@ def run(
   bank = sharding.replicate(
     jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
   )
-  test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
+  # Every process holds the whole test split and serves its part of each batch.
+  test = input_pipeline.load_split(config.data, 'test')
   eval_step = make_eval_step(
     model, mesh, iwae_sample_counts(config), config.eval.chunk_size, config.eval.authors_samples
   )
@@ -314,11 +319,9 @@ def run(
   if inception is None:
     logging.info('FID skipped: eval.fid_weights is not set (see the README, "FID").')
   elif jax.process_index() == 0:
-    # FID compares with the whole test split, not this process's share of it.
-    whole_test = (
-      test if jax.process_count() == 1 else input_pipeline.load_split(config.data, 'test')
+    summary['fid'] = compute_fid(
+      config, inception, model, sharding.local_copy(variables), sharding.local_copy(bank), test
     )
-    summary['fid'] = compute_fid(config, inception, model, variables, bank, whole_test)
   logging.info('Stage %s on %d test images: %s', STAGE, summary['test_images'], summary)
   if not os.access(workdir, os.W_OK):
     logging.warning('%s is not writable: the summary is logged only, not recorded.', workdir)
@@ -327,7 +330,9 @@ def run(
   metrics_log.write(int(state.step), 'test', summary)
   metrics_log.close()
   if jax.process_index() == 0:
-    write_pictures(config, workdir, model, variables, bank, test)
+    write_pictures(
+      config, workdir, model, sharding.local_copy(variables), sharding.local_copy(bank), test
+    )
     # Last: a record means that the metrics and pictures are written.
     artifacts.save_json(os.path.join(workdir, EVAL_RECORD_FILE), {**key, 'summary': summary})
   return summary

@@ -321,7 +321,8 @@ def train_and_evaluate(
   checkpoints.close()
   metrics_log.close()
   if jax.process_index() == 0:
-    write_samples(config, workdir, model, state.params, grid, bank)
+    params, bank = sharding.local_copy((state.params, bank))
+    write_samples(config, workdir, model, params, grid, bank)
   return state
 
 

@@ -223,16 +223,14 @@ def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestC
   """state -> the held-out bound's summary; keeps the state in `best` when it is lower.
 
   The importance-weighted bound with vae.holdout_iwae_samples hard samples,
-  computed as the eval stage computes it on the test split, over this
-  process's share of the held-out split.
+  computed as the eval stage computes it on the test split, over the whole
+  held-out split.
   """
   from npdraw_jax import evaluate  # Not at the top: evaluate imports this module.
 
   num_samples = config.vae.holdout_iwae_samples
   evaluate.sample_chunk(num_samples, config.eval.chunk_size, 'vae.holdout_iwae_samples')
-  holdout = input_pipeline.load_split(
-    config.data, 'holdout', jax.process_index(), jax.process_count()
-  )
+  holdout = input_pipeline.load_split(config.data, 'holdout')  # Whole, as evaluate.run's test.
   eval_step = evaluate.make_eval_step(model, mesh, (num_samples,), config.eval.chunk_size)
 
   def evaluate_holdout(state: TrainState) -> dict[str, float]:
@@ -284,7 +282,9 @@ def train_and_evaluate(
   train_step = make_train_step(model, config, mesh, steps_per_epoch)
 
   def batch_at(step):
-    batch = input_pipeline.train_batch(train, config.data, local_batch, config.seed, step)
+    batch = input_pipeline.train_batch(
+      train, config.data, local_batch, config.seed, step, sharding.data_shards()
+    )
     del batch['canvas_image']  # The model renders its own canvases.
     batch.update(parses(batch['index']))
     return sharding.to_global(batch, mesh)

@@ -1,0 +1,17 @@
+"""Suite-wide settings, read before any test module imports JAX.
+
+The tests compile the same tiny programs many times over: in each pytest
+worker and in every `python -m experiments...` subprocess they start. JAX's
+persistent compilation cache, shared by all of them through the environment,
+compiles each program once per machine (keyed by the program and the devices,
+so it never serves a stale executable).
+"""
+
+import os
+import tempfile
+
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'npdraw_jax_test_xla_cache')
+)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
