@@ -12,12 +12,15 @@ import re
 import tempfile
 
 import jax
+import pytest
 from absl import app
 from absl.testing import absltest
 from PIL import Image
 
 from configs import tiny
 from experiments import ablation, study
+
+pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
 VARIANTS = ('reference', 'no_prior_input_gradient', 'our_networks')
 

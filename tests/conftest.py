@@ -15,3 +15,9 @@ os.environ.setdefault(
 )
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
+
+def pytest_collection_modifyitems(items):
+  """Files marked slow (minutes each) first: the two workers then end
+  together, rather than one running a long file started last."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)

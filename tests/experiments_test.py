@@ -10,6 +10,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 from absl.testing import absltest
 from PIL import Image, ImageSequence
@@ -18,6 +19,8 @@ from configs import tiny
 from experiments import launch
 from npdraw_jax import fid
 from npdraw_jax.models import inception
+
+pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

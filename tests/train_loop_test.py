@@ -245,7 +245,7 @@ class TrainLoopTest(absltest.TestCase):
 
 
 class LaunchInterruptTest(absltest.TestCase):
-  def test_ctrl_c_in_the_prior_stage_then_rerun(self):
+  def test_ctrl_c_in_the_prior_stage(self):
     workdir = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, workdir)
     command = [
@@ -286,13 +286,7 @@ class LaunchInterruptTest(absltest.TestCase):
     step = int(last.split('at step ')[1].split(';')[0])
     self.assertTrue(os.path.isdir(os.path.join(workdir, 'prior', str(step))), stderr)
 
-    rerun = subprocess.run(command, cwd=_REPO, env=environ, capture_output=True, text=True)
-    self.assertEqual(rerun.returncode, 0, rerun.stderr)
-    self.assertRegex(rerun.stderr, rf'Restoring \S+/prior step {step}\.')
-    with open(os.path.join(workdir, train_lib.METRICS_FILE)) as f:
-      keys = [(r['stage'], r['step'], r['split']) for r in map(json.loads, f)]
-    self.assertLen(set(keys), len(keys))
-    self.assertIn(('prior', 20, 'train'), keys)  # configs/tiny.py's prior.train_steps.
+    # Resuming from it through the command line: tests/faults_test.py.
 
 
 if __name__ == '__main__':

@@ -11,10 +11,13 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from configs import tiny
 from npdraw_jax import checkpointing, pipeline, train_lib, train_prior, train_vae
+
+pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
