@@ -110,20 +110,22 @@ def _hide_accelerators_from_tensorflow():
   tf.config.set_visible_devices([], 'GPU')
 
 
-def prepare(config) -> None:
-  """What every command does before its stages: quiet Orbax's per-save lines,
-  keep TensorFlow off the accelerators, log the devices."""
-  logging.get_absl_handler().addFilter(_QuietCheckpointer())
-  if config.data.source == 'tfds':
-    _hide_accelerators_from_tensorflow()
+def prepare(config, joined: str | None = None) -> None:
+  """What every command does before its stages: log the process and the
+  devices (the first line; `joined`: how it joined a multi-process run), quiet
+  Orbax's per-save lines, keep TensorFlow off the accelerators."""
   logging.info(
-    'JAX process %d of %d, %d local / %d global devices (%s).',
+    'JAX process %d of %d%s, %d local / %d global devices (%s).',
     jax.process_index(),
     jax.process_count(),
+    f' (joined through {joined})' if joined else '',
     jax.local_device_count(),
     jax.device_count(),
     jax.devices()[0].platform,
   )
+  logging.get_absl_handler().addFilter(_QuietCheckpointer())
+  if config.data.source == 'tfds':
+    _hide_accelerators_from_tensorflow()
 
 
 # --- User errors as one line ----------------------------------------------------
@@ -256,14 +258,12 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer('process_id', None, 'This process, in [0, --num_processes).')
 
 
-def join_distributed_run() -> None:
-  """Joins the multi-process run the flags or the cluster describe, if any;
-  before anything else asks JAX for its devices."""
-  how = distributed.initialize(
+def join_distributed_run() -> str | None:
+  """Joins the multi-process run the flags or the cluster describe, if any,
+  before anything asks JAX for its devices; returns how (None: it is alone)."""
+  return distributed.initialize(
     flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
   )
-  if how:
-    logging.info('Joined a %d-process run (%s).', jax.process_count(), how)
 
 
 def hold_workdir(workdir: str) -> contextlib.AbstractContextManager:
@@ -347,8 +347,7 @@ def run(config_name: str) -> None:
     stages = check_stages(flags.FLAGS.stages)
     config = flags.FLAGS.config
     workdir = os.path.abspath(flags.FLAGS.workdir)
-    join_distributed_run()
-    prepare(config)
+    prepare(config, joined=join_distributed_run())
     allow_changed_settings = flags.FLAGS.allow_changed_settings
     os.makedirs(workdir, exist_ok=True)
     with hold_workdir(workdir), interrupt.handled():

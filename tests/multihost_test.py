@@ -142,6 +142,15 @@ def test_survivor_of_a_lost_process_stops_with_one_line(runs):
   assert 'another process' in errors[0] and 'rerun the same command' in errors[0].lower()
 
 
+def test_first_log_line_names_the_process(runs):
+  log = _log(runs['logs'], 'rerun', 1)
+  # The project's first line (JAX's own 'Connecting to ...' may come before it).
+  first = next(line for line in log.splitlines() if re.match(r'[IWEF]\d{4} .* launch\.py:', line))
+  assert first.endswith(
+    'JAX process 1 of 2 (joined through flags), 1 local / 2 global devices (cpu).'
+  ), first
+
+
 def test_rerun_resumed_from_a_checkpoint(runs):
   log = _log(runs['logs'], 'rerun', 0)
   assert 'Stage bank: ' in log and 'is current; skipping' in log
