@@ -19,13 +19,15 @@ if [[ "${1:-}" == --quick ]]; then
   quick=(--quick)
   steps=20
   results=$(mktemp --suffix=.md)
-  dry_eval=(--config.eval.iwae_samples='(1,2)' --config.eval.authors_samples=2)
+  # The reference at CPU scale (configs/mnist_cpu.py), a small eval.
+  dry_eval=(--config=configs/mnist_cpu.py --config.eval.iwae_samples='(1,2)'
+    --config.eval.authors_samples=2)
 elif python -c 'import jax, sys; sys.exit(jax.default_backend() != "cpu")'; then
   echo "accelerator_check: JAX sees only a CPU; install the accelerator's jax first." >&2
   exit 2
 fi
 python -c 'import jax; print("devices:", jax.devices())'
 # Each part has its own time limit, so that one slow part cannot take the rest's time.
-timeout 330 python -m benchmarks.run "${quick[@]}" --only=stage2,prior,dtype --results="$results"
-timeout 240 python -m benchmarks.training_run --steps="$steps" --results="$results" "${dry_eval[@]}"
+timeout 270 python -m benchmarks.run "${quick[@]}" --only=stage2,prior,dtype --results="$results"
+timeout 300 python -m benchmarks.training_run --steps="$steps" --results="$results" "${dry_eval[@]}"
 echo "accelerator_check: results appended to $results"

@@ -1,12 +1,14 @@
 """A timed MNIST training run on the embedded digits, written down in RESULTS.md.
 
-  python -m benchmarks.training_run [--steps=2000] [--workdir=DIR] [--config.FIELD=V ...]
+  python -m benchmarks.training_run [--steps=2000] [--workdir=DIR] [--config=FILE]
+      [--config.FIELD=V ...]
 
 Runs the whole pipeline (`python -m experiments.mnist`) at the MNIST reference
 configuration (the authors' networks at full width) on the 5,000 embedded
 digits, with `--steps` prior and stage-2 steps and the held-out selection of
 configs/mnist_cpu.py, then appends its wall time per stage and the logged test
-bounds to benchmarks/RESULTS.md. Extra --config.FIELD=V flags pass through.
+bounds to benchmarks/RESULTS.md. --config=FILE (another configuration) and
+--config.FIELD=V flags pass through.
 """
 
 import json
@@ -55,17 +57,20 @@ def stage_seconds(log: str) -> dict[str, float]:
 
 
 def main(argv):
-  passed = [a for a in argv[1:] if a.startswith('--config.')]
+  passed = [a for a in argv[1:] if a.startswith('--config')]  # --config=FILE too.
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='npdraw_training_run_')
+  config_file = [a for a in passed if a.startswith('--config=')]  # Before any override.
   command = [
     sys.executable,
     '-m',
     'experiments.mnist',
     f'--workdir={workdir}',
+    *config_file,
     f'--config.prior.train_steps={_STEPS.value}',
     f'--config.vae.train_steps={_STEPS.value}',
-    *EMBEDDED,
-    *passed,
+    # A field given twice keeps its first value: the passed ones replace these.
+    *(a for a in EMBEDDED if a.split('=')[0] not in {p.split('=')[0] for p in passed}),
+    *(a for a in passed if a not in config_file),
   ]
   start = time.perf_counter()
   run = subprocess.run(command, capture_output=True, text=True)
@@ -81,7 +86,8 @@ def main(argv):
   lines = [
     f'Command: `python -m benchmarks.training_run --steps={_STEPS.value} {" ".join(passed)}`',
     '',
-    f'MNIST reference configuration on the 5,000 embedded digits, {_STEPS.value} prior '
+    f'{config_file[0].split("=", 1)[1] if config_file else "The MNIST reference configuration"}'
+    f' on the 5,000 embedded digits, {_STEPS.value} prior '
     f'and {_STEPS.value} stage-2 steps; whole pipeline {seconds:.0f} s (stage seconds: '
     + ', '.join(f'{k} {v:.0f}' for k, v in stages.items())
     + ').',
