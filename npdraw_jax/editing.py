@@ -1,19 +1,18 @@
 """Latent editing (spec section 9): B's parts inside a region, A's outside.
 
-Images A and B are encoded to their most likely drawing steps; the edited
-drawing keeps A's drawn steps whose part boxes lie outside the region and B's
-drawn steps whose boxes lie inside it, and is rendered and decoded as usual.
+Images A and B are encoded to their most likely drawing steps (api.Run.edit
+does the whole edit); the edited drawing keeps A's drawn steps whose part
+boxes lie outside the region and B's drawn steps whose boxes lie inside it,
+and is rendered and decoded as usual.
 A box lies inside when its centre does (boxes are clipped to the canvas).
 """
 
 import re
 from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
 from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import distributions, npdraw
 
 NAMED_REGIONS = ('top', 'bottom', 'left', 'right')
 
@@ -78,38 +77,3 @@ def compose(a: Steps, b: Steps, in_region: np.ndarray) -> Steps:
   keep_b = b.pres & in_region[b.where]
   join = lambda x, y: np.concatenate([x, y], axis=-1)
   return Steps(join(keep_a, keep_b), join(a.where, b.where), join(a.what, b.what))
-
-
-class Edit(NamedTuple):
-  """One edit: pictures [H, W, C] in [0, 1] (canvases at canvas size) and the
-  number of parts the edited drawing takes from A and from B."""
-
-  canvas_a: np.ndarray
-  canvas_b: np.ndarray
-  canvas: np.ndarray
-  decoded: np.ndarray
-  parts_from_a: int
-  parts_from_b: int
-
-
-def edit(
-  model: npdraw.NPDraw, variables: dict, bank, image_a, image_b, in_region: np.ndarray
-) -> Edit:
-  """Encodes images A and B [H, W, C], composes their drawings and decodes the result."""
-  q, _ = npdraw.encode(model, variables, jnp.stack([image_a, image_b]), train=False)
-  steps = Steps(*(np.asarray(x) for x in npdraw.q_mode(q)))
-  both = np.asarray(canvas_lib.render(model.grid, bank, *steps))
-  a, b = (Steps(*(x[i] for x in steps)) for i in (0, 1))
-  steps = compose(a, b, in_region)
-  composed = np.asarray(canvas_lib.render(model.grid, bank, *steps))
-  out, _ = npdraw.decode(model, variables, jnp.asarray(composed)[None], train=False)
-  decoded = distributions.mean_image(model.likelihood, out, model.num_mixtures)[0]
-  num_steps = a.pres.shape[-1]
-  return Edit(
-    both[0],
-    both[1],
-    composed,
-    np.asarray(decoded),
-    int(steps.pres[:num_steps].sum()),
-    int(steps.pres[num_steps:].sum()),
-  )

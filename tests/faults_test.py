@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 
+import checkpoint_files
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
@@ -40,27 +40,6 @@ def _env() -> dict[str, str]:
 def _metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
-
-
-def _final_state(workdir: str, stage: str) -> tuple[int, dict]:
-  """The newest checkpoint of a stage as host arrays."""
-  directory = os.path.join(workdir, stage)
-  step = max(int(name) for name in os.listdir(directory) if name.isdigit())
-  path = os.path.join(directory, str(step), 'default')
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    target = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-      checkpointer.metadata(path).item_metadata,
-    )
-    return step, jax.tree.map(_host_array, checkpointer.restore(path, target))
-
-
-def _host_array(leaf: jax.Array) -> np.ndarray:
-  """A NumPy copy; a PRNG key as its raw bits."""
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    leaf = jax.random.key_data(leaf)
-  return np.asarray(leaf)
 
 
 @pytest.fixture(scope='module')
@@ -97,8 +76,8 @@ def test_every_kill_hit_a_running_pipeline(soak):
 @pytest.mark.parametrize('stage', ['prior', 'vae'])
 def test_soaked_run_ends_bit_identical(soak, stage):
   reference, soaked, _ = soak
-  step, want = _final_state(reference, stage)
-  got_step, got = _final_state(soaked, stage)
+  step, want = checkpoint_files.newest_state(os.path.join(reference, stage))
+  got_step, got = checkpoint_files.newest_state(os.path.join(soaked, stage))
   assert got_step == step
   want_leaves = jax.tree_util.tree_leaves_with_path(want)
   got_leaves = dict(jax.tree_util.tree_leaves_with_path(got))
@@ -141,7 +120,7 @@ def test_non_finite_training_stops_with_one_line_and_keeps_a_finite_checkpoint(t
   lines = run.stderr.strip().splitlines()
   assert lines[-1].startswith('Error: Stage prior: non-finite'), lines[-1]
   assert 'Traceback' not in run.stderr
-  step, state = _final_state(workdir, 'prior')
+  step, state = checkpoint_files.newest_state(os.path.join(workdir, 'prior'))
   assert f'step {step}, is kept' in lines[-1] or f'step {step} is kept' in lines[-1], lines[-1]
   for leaf in jax.tree.leaves(state):
     if np.issubdtype(np.asarray(leaf).dtype, np.floating):

@@ -17,9 +17,8 @@ import subprocess
 import sys
 import time
 
-import jax
+import checkpoint_files
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
@@ -172,29 +171,13 @@ def test_two_processes_log_what_one_process_logs(runs):
   assert final['stage'] == 'eval' and final['test_images'] == 500  # The whole test split.
 
 
-def _final_params(workdir: str, stage: str) -> tuple[int, dict]:
-  """The newest checkpoint's parameters of a stage, restored onto this process's
-  one device (the runs saved them over two)."""
-  directory = os.path.join(workdir, stage)
-  step = max(int(name) for name in os.listdir(directory) if name.isdigit())
-  path = os.path.join(directory, str(step), 'default')
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    target = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-      checkpointer.metadata(path).item_metadata,
-    )
-    state = checkpointer.restore(path, target)
-  return step, state['params']
-
-
 @pytest.mark.parametrize('stage', ['prior', 'vae'])
 def test_final_parameters_equal(runs, stage):
-  step_one, one = _final_params(runs['one'], stage)
-  step_two, two = _final_params(runs['two'], stage)
+  step_one, one = checkpoint_files.newest_state(os.path.join(runs['one'], stage))
+  step_two, two = checkpoint_files.newest_state(os.path.join(runs['two'], stage))
   assert step_one == step_two
-  flat_one = dict(_flatten(one))
-  flat_two = dict(_flatten(two))
+  flat_one = dict(_flatten(one['params']))
+  flat_two = dict(_flatten(two['params']))
   assert flat_one.keys() == flat_two.keys()
   for name, value in flat_one.items():
     np.testing.assert_allclose(flat_two[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
