@@ -173,10 +173,11 @@ def preprocess(
   return images, canvas
 
 
-def _shard(n: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """This process's contiguous [start, stop) of n rows; the remainder is dropped."""
-  per = n // process_count
-  return process_index * per, (process_index + 1) * per
+def shard(n: int, index: int, count: int) -> tuple[int, int]:
+  """[start, stop) of part `index` of n rows cut into `count` equal contiguous
+  parts (a process's share, a device's shard); the remainder is dropped."""
+  per = n // count
+  return index * per, (index + 1) * per
 
 
 # --- Sources --------------------------------------------------------------------
@@ -222,7 +223,7 @@ def _load_tfds(
     total = splits[split_name].num_examples
   if sliced:
     # Read only this process's share; ids stay positions in the whole split.
-    offset, stop = _shard(total, process_index, process_count)
+    offset, stop = shard(total, process_index, process_count)
     read, total = f'{split_name}[{offset}:{stop}]', stop - offset
   # shuffle_files=False makes tfds read the files in order, one at a time.
   ds = builder.as_dataset(split=read, shuffle_files=False, batch_size=_TFDS_READ_BATCH)
@@ -244,7 +245,7 @@ def _load_tfds(
   index = offset + np.arange(images.shape[0], dtype=np.int64)
   if process_count > 1 and not sliced:
     # Size unknown beforehand (mock_data, sliced split names): cut here instead.
-    start, stop = _shard(images.shape[0], process_index, process_count)
+    start, stop = shard(images.shape[0], process_index, process_count)
     images, canvases, index = (
       images[start:stop],
       canvases[start:stop],
@@ -274,7 +275,7 @@ def _load_embedded(
   for digit in np.unique(labels):
     is_test[np.flatnonzero(labels == digit)[-_EMBEDDED_TEST_PER_CLASS:]] = True
   ids = np.flatnonzero(is_test if split == 'test' else ~is_test)
-  start, stop = _shard(ids.shape[0], process_index, process_count)
+  start, stop = shard(ids.shape[0], process_index, process_count)
   ids = ids[start:stop]
   raw = pixels[ids].reshape(-1, 28, 28, 1).astype(np.uint8)  # Integral 0..255.
   images, canvases = preprocess(raw, data)
@@ -388,7 +389,7 @@ def _load_folder(
       f'data.folder_test_fraction = {data.folder_test_fraction} is less than one file; {remedy}.'
     )
   ids = np.flatnonzero(is_test if split == 'test' else ~is_test)
-  start, stop = _shard(ids.shape[0], process_index, process_count)
+  start, stop = shard(ids.shape[0], process_index, process_count)
   ids = ids[start:stop]
   files = [os.path.join(path, names[i]) for i in ids]
   # Pillow releases the GIL while decoding and resizing, so threads scale.
@@ -496,7 +497,7 @@ def load_split(
     # The rows are chosen in the whole split, then shared out between processes.
     images, canvases, index = loader[kind](data, 'train', 0, 1)
     rows = _training_rows(index.shape[0], split, data)
-    rows = rows[slice(*_shard(rows.shape[0], process_index, process_count))]
+    rows = rows[slice(*shard(rows.shape[0], process_index, process_count))]
     images, canvases, index = images[rows], canvases[rows], index[rows]
   else:
     images, canvases, index = loader[kind](data, split, process_index, process_count)
@@ -600,10 +601,10 @@ def train_batch(
   if batch_size % len(shards):
     raise DataError(f'Batch size {batch_size} does not split over {len(shards)} data shards.')
   parts = []
-  for position, shard in enumerate(shards):
-    start, stop = _shard(split.num_examples, position, len(shards))
-    rows = start + batch_rows(stop - start, batch_size // len(shards), seed, step, shard)
-    noise = np.random.default_rng([seed, _TRAIN_NOISE, step, shard])
+  for position, number in enumerate(shards):
+    start, stop = shard(split.num_examples, position, len(shards))
+    rows = start + batch_rows(stop - start, batch_size // len(shards), seed, step, number)
+    noise = np.random.default_rng([seed, _TRAIN_NOISE, step, number])
     parts.append(_serve(split, rows, data, noise))
   return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
@@ -639,7 +640,7 @@ def eval_batches(
   """
   if batch_size % process_count:
     raise DataError(f'Eval batch size {batch_size} does not split over {process_count} processes.')
-  own = slice(*_shard(batch_size, process_index, process_count))
+  own = slice(*shard(batch_size, process_index, process_count))
 
   def serve(b, rows_and_mask):
     rows, mask = rows_and_mask

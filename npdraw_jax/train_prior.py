@@ -253,8 +253,7 @@ def record_training(
 
 def _rows_of_process(*arrays: np.ndarray):
   """This process's contiguous share of a global batch's row arrays."""
-  share = len(arrays[0]) // jax.process_count()
-  own = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+  own = slice(*input_pipeline.shard(len(arrays[0]), jax.process_index(), jax.process_count()))
   return arrays[0][own] if len(arrays) == 1 else tuple(a[own] for a in arrays)
 
 
