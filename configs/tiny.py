@@ -67,6 +67,7 @@ def _shrink_celeba(config: ml_collections.ConfigDict) -> None:
   config.data.channels = 3
   config.data.center_crop = 148
   config.data.binarize = 'none'
+  config.eval.fid_binarize = False  # Colour: as configs/celeba.py.
   config.partbank.empty_threshold = 0.0
   config.data.holdout_size = 16  # Of the 64 images tfds' mock data makes.
   config.model.K = 8
