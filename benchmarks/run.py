@@ -10,8 +10,8 @@ Measures on whatever devices JAX sees, at the MNIST and CelebA configurations:
   prior     stage-1 prior train step: images/s;
   sampling  cached against naive O(T^2) prior sampling (T = 36, 64);
   parse     part bank and raster parser over MNIST-sized images;
-  variants  the stage-2 step with the model's renderer, convolutions, dropout
-            bits and GELU against their alternatives, in turn in one process;
+  variants  the stage-2 step with the model's renderer, convolutions, attention
+            and GELU against their alternatives, in turn in one process;
   dtype     (GPU/TPU only) the stage-2 step in float32 against bfloat16 compute.
 Comparisons are ratios measured in one run, because shared machines are noisy.
 --quick uses small batches, few steps and 10,000 images: minutes on a 2-core CPU.
@@ -82,7 +82,7 @@ STRAIGHT_THROUGH = {
   for name, get_config in CONFIGS.items()
 }
 RENDERER = 'renderer: `place` einsum'
-PRIOR_BASELINES = ('GELU: nn.gelu (erfc)',)
+PRIOR_BASELINES = ('GELU: nn.gelu (erfc)', 'attention: heads not folded')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +300,7 @@ def comparison_table(rows: list[dict], reference: str, ratio_label: str) -> list
 
 
 def variants_lines(settings: Settings) -> list[str]:
-  """Item 6: the model's renderer, convolutions, dropout bits and GELU against the alternatives."""
+  """Item 6: the model's renderer, convolutions, attention and GELU against the alternatives."""
   rows = []
   for name, get_config in CONFIGS.items():
     # The reference renders without where's gradient; with beta = 0 (CelebA) no prior runs.
@@ -326,12 +326,13 @@ def variants_lines(settings: Settings) -> list[str]:
     '',
     f'"{MODEL}": what the model uses: `layers.conv_transpose` (one stride-1 convolution '
     'per output phase), `layers.stride1_conv` (kernel gradients of the phases and of 1x1 '
-    'convolutions as per-tap matmuls over batch chunks), threefry lowered unrolled on CPU '
-    "(the prior's dropout bits) and `prior.exact_gelu` (erf); with vae.where_gradient = "
-    "'straight_through' (not the reference), `canvas.place_straight_through` (pad-and-slice "
+    'convolutions as per-tap matmuls over batch chunks), attention on the per-head '
+    'products Wq Wk^T and Wv Wo (`prior.folds_heads`) and `prior.exact_gelu` (erf); '
+    "with vae.where_gradient = 'straight_through' (not the reference), "
+    '`canvas.place_straight_through` (pad-and-slice '
     "forward, the einsum's gradient). Each other row swaps one of them for its alternative: "
     "`lax.conv_transpose` (what flax's nn.ConvTranspose runs), XLA's own kernel gradients, "
-    "jax's CPU threefry (a loop over its rounds; the same bits), `nn.gelu(approximate=False)` "
+    'the four head projections as written, `nn.gelu(approximate=False)` '
     '(erfc), or the dense `canvas.place` einsum. Same values and gradients to float '
     'tolerance (tests/canvas_test.py, tests/layers_test.py, tests/prior_test.py); the steps '
     'are timed in turn in one process.',

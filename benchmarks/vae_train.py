@@ -59,6 +59,9 @@ BASELINES = {
   'GELU: nn.gelu (erfc)': lambda: mock.patch.object(
     prior, 'exact_gelu', lambda x: flax.linen.gelu(x, approximate=False)
   ),
+  'attention: heads not folded': lambda: mock.patch.object(
+    prior, 'folds_heads', lambda width, head_dim: False
+  ),
 }
 
 

@@ -169,12 +169,15 @@ class AuthorsPriorTest(parameterized.TestCase):
     self.assertEqual(count_params(shapes['params']), want)
     self.assertAlmostEqual(want / 1e6, millions, delta=0.05)  # The spec's size check.
 
-  def test_logits_equal_a_numpy_forward_of_the_layer_list(self):
-    model = small_prior('authors')
+  # Heads of 8 in width 16 run as written; of 16, folded (prior.folds_heads).
+  @parameterized.parameters(8, 16)
+  def test_logits_equal_a_numpy_forward_of_the_layer_list(self, head_dim):
+    self.assertEqual(prior_lib.folds_heads(16, head_dim), head_dim == 16)
+    model = small_prior('authors', head_dim=head_dim)
     params = init_params(model)
     canvases, maps = random_states(0)
     got = model.apply({'params': params}, canvases, maps, jnp.arange(T))
-    want = authors_reference_logits(params, canvases, maps, num_heads=2, head_dim=8)
+    want = authors_reference_logits(params, canvases, maps, num_heads=2, head_dim=head_dim)
     for name in ('pres', 'where', 'what'):
       self.assertEqual(got[name].dtype, jnp.float32)
       np.testing.assert_allclose(got[name], want[name], atol=2e-4, rtol=1e-4)
@@ -288,9 +291,10 @@ class LogLikelihoodTest(absltest.TestCase):
 
 
 class SamplerTest(parameterized.TestCase):
-  @parameterized.parameters('authors', 'ours')
-  def test_cached_logits_equal_the_teacher_forced_pass(self, networks):
-    model = small_prior(networks)
+  # The cache runs the authors' heads of 16 as written, the full pass folded.
+  @parameterized.parameters(('authors', 8), ('authors', 16), ('ours', 8))
+  def test_cached_logits_equal_the_teacher_forced_pass(self, networks, head_dim):
+    model = small_prior(networks, head_dim=head_dim)
     params, bank = init_params(model), random_bank()
     # A high temperature: random weights' pres logits are large.
     sampler = sampling.make_sampler(model, GRID, batch_size=6)
