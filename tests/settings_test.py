@@ -1,8 +1,8 @@
 """Stage records against the settings a run asks for (issue 12, items 1, 5, 8).
 
-One finished tiny run (every stage, in-process) is made once; each test that
-changes a workdir works on its own copy. A few checks go through the command
-line for the one-line message and exit status 2.
+The tests read a copy of the session's shared finished tiny run (tiny_run.py);
+each test that changes a workdir works on a copy of its own. A few checks go
+through the command line for the one-line message and exit status 2.
 """
 
 import hashlib
@@ -16,9 +16,9 @@ import zipfile
 
 import jax
 import numpy as np
+import tiny_run
 from absl.testing import absltest
 
-from configs import tiny
 from experiments import launch
 from npdraw_jax import (
   checkpointing,
@@ -30,43 +30,14 @@ from npdraw_jax import (
   train_vae,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tiny config shortened further: compile time dominates anyway.
-OVERRIDES = {
-  'prior.train_steps': 10,
-  'vae.train_steps': 10,
-  'data.holdout_size': 0,
-  'eval.authors_samples': 0,
-}
 ALL_STAGES = ['bank', 'parse', 'prior', 'vae', 'eval']
-_finished = None  # The finished run's directory, made by setUpModule.
-
-
-def make_config(**changes):
-  """The tests' config with OVERRIDES and then changes ({'vae.beta': 0.5})."""
-  config = tiny.get_config()
-  for field, value in {**OVERRIDES, **changes}.items():
-    section, name = field.split('.')
-    config[section][name] = value
-  return config
+_finished = None  # This module's copy of the shared finished run, made by setUpModule.
 
 
 def setUpModule():
   global _finished
-  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
-  _finished = os.path.join(tempfile.mkdtemp(), 'finished')
-  config = make_config()
-  pipeline.run_bank(config, _finished)
-  pipeline.run_parse(config, _finished)
-  train_prior.train_and_evaluate(config, _finished)
-  train_vae.train_and_evaluate(config, _finished)
-  evaluate.run(config, _finished)
-
-
-def copy_of_finished() -> str:
-  copy = os.path.join(tempfile.mkdtemp(), 'run')
-  shutil.copytree(_finished, copy)
-  return copy
+  jax.config.update('jax_disable_most_optimizations', True)  # As tiny_run's run.
+  _finished = tiny_run.copy()
 
 
 def snapshot(directory: str) -> dict[str, tuple[float, str]]:
@@ -94,18 +65,10 @@ def read_json(*parts):
 
 
 def run_cli(workdir: str, *flags: str, **kwargs) -> subprocess.CompletedProcess:
-  overrides = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
   return subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'experiments.mnist',
-      f'--workdir={workdir}',
-      '--config=configs/tiny.py',
-      *overrides,
-      *flags,
-    ],
-    cwd=REPO,
+    tiny_run.command(workdir, *flags),
+    cwd=tiny_run.REPO,
+    env={**os.environ, **tiny_run.ENV},
     capture_output=True,
     text=True,
     timeout=300,
@@ -119,7 +82,7 @@ class ChangedSettingsTest(absltest.TestCase):
 
   def test_changed_beta_is_refused_before_any_work(self):
     before = snapshot(_finished)
-    config = make_config(**{'vae.beta': 0.5})
+    config = tiny_run.config(**{'vae.beta': 0.5})
     expected = 'vae.beta: recorded 1.0, requested 0.5'
     with self.assertRaisesRegex(checkpointing.ChangedSettingsError, expected):
       launch.check_before_work(config, _finished, ALL_STAGES)
@@ -143,7 +106,7 @@ class ChangedSettingsTest(absltest.TestCase):
 
   def test_the_record_holds_the_training_settings(self):
     vae = read_json(_finished, 'vae', checkpointing.SETTINGS_FILE)['training']
-    config = make_config()
+    config = tiny_run.config()
     for field in ('vae.beta', 'vae.lambda_sup', 'vae.lr', 'vae.where_gradient', 'prior.lr'):
       section, name = field.split('.')
       self.assertEqual(vae[field], config[section][name], field)
@@ -156,9 +119,9 @@ class ChangedSettingsTest(absltest.TestCase):
     self.assertNotIn('vae.beta', prior)
 
   def test_continue_flag_trains_further_and_records_both(self):
-    workdir = copy_of_finished()
+    workdir = tiny_run.copy()
     changed = {'vae.beta': 0.5, 'vae.train_steps': 15}
-    config = make_config(**changed)
+    config = tiny_run.config(**changed)
     launch.check_before_work(config, workdir, ['vae'], allow_changed_settings=True)
     state = train_vae.train_and_evaluate(config, workdir, allow_changed_settings=True)
     self.assertEqual(int(state.step), 15)
@@ -180,10 +143,10 @@ class ChangedSettingsTest(absltest.TestCase):
     # The record now matches the new settings, and no longer the old ones.
     train_vae.check_recorded_settings(config, workdir)
     with self.assertRaisesRegex(checkpointing.ChangedSettingsError, 'recorded 0.5, requested 1.0'):
-      train_vae.check_recorded_settings(make_config(), workdir)
+      train_vae.check_recorded_settings(tiny_run.config(), workdir)
 
   def test_shape_change_is_refused_even_with_the_flag(self):
-    config = make_config(**{'model.encoder_features': 16})
+    config = tiny_run.config(**{'model.encoder_features': 16})
     with self.assertRaisesRegex(
       checkpointing.IncompatibleCheckpointError, 'encoder_features: recorded 8, requested 16'
     ) as refused:
@@ -191,14 +154,14 @@ class ChangedSettingsTest(absltest.TestCase):
     self.assertNotIsInstance(refused.exception, checkpointing.ChangedSettingsError)
 
   def test_reading_a_stage_rewrites_no_record(self):
-    workdir = copy_of_finished()
+    workdir = tiny_run.copy()
     records = [
       os.path.join(stage, name)
       for stage in ('prior', 'vae')
       for name in (checkpointing.SETTINGS_FILE, checkpointing.CONFIG_FILE)
     ]
     before = snapshot(workdir)
-    config = make_config()
+    config = tiny_run.config()
     train_prior.restore_trained_params(config, workdir, sharding.make_mesh())
     evaluate.evaluated_checkpoint(config, workdir)
     train_prior.train_and_evaluate(config, workdir)  # Finished: trains no step.
@@ -222,7 +185,7 @@ class DamagedArtifactsTest(absltest.TestCase):
       data = f.read()
     with open(path, 'wb') as f:
       f.write(data[: len(data) // 2])
-    config = make_config()
+    config = tiny_run.config()
     # The later stages say what to run instead of a BadZipFile.
     with self.assertRaisesRegex(errors.MissingArtifactError, 'run the bank and parse stages'):
       train_prior.load_parses(config, workdir, 'train')
@@ -239,7 +202,7 @@ class DamagedArtifactsTest(absltest.TestCase):
     data[len(data) // 2] ^= 0xFF
     with open(path, 'wb') as f:
       f.write(bytes(data))
-    config = make_config()
+    config = tiny_run.config()
     self.assertFalse(pipeline.is_current(config, workdir, 'parse'))
     pipeline.run_parse(config, workdir)
     self.assertTrue(pipeline.is_current(config, workdir, 'parse'))
@@ -257,7 +220,7 @@ class DamagedArtifactsTest(absltest.TestCase):
     np.savez(path, **arrays)
     with zipfile.ZipFile(path) as z:
       self.assertIsNone(z.testzip())
-    self.assertFalse(pipeline.is_current(make_config(), workdir, 'parse'))
+    self.assertFalse(pipeline.is_current(tiny_run.config(), workdir, 'parse'))
 
 
 class ReadOnlyTest(absltest.TestCase):
@@ -265,7 +228,7 @@ class ReadOnlyTest(absltest.TestCase):
 
   def test_eval_on_an_empty_workdir(self):
     workdir = tempfile.mkdtemp()
-    config = make_config()
+    config = tiny_run.config()
     with self.assertRaisesRegex(errors.MissingArtifactError, 'run the bank and parse stages'):
       evaluate.run(config, workdir)
     self.assertEqual(os.listdir(workdir), [])
@@ -279,7 +242,7 @@ class ReadOnlyTest(absltest.TestCase):
 
   def test_changed_bank_is_refused_before_the_bank_is_rebuilt(self):
     before = snapshot(_finished)
-    config = make_config(**{'model.K': 12})
+    config = tiny_run.config(**{'model.K': 12})
     for stages in (ALL_STAGES, ['bank', 'parse']):
       with self.assertRaisesRegex(
         checkpointing.IncompatibleCheckpointError, 'K: recorded 16, requested 12'
@@ -291,14 +254,14 @@ class ReadOnlyTest(absltest.TestCase):
     self.assertEqual(without_lock(snapshot(_finished)), without_lock(before))
 
   def test_eval_and_edit_on_a_read_only_run(self):
-    workdir = copy_of_finished()
+    workdir = tiny_run.copy()
     out = tempfile.mkdtemp()
     before = snapshot(workdir)
     script = (
       'import sys; from configs import tiny; from npdraw_jax import evaluate; '
       'from experiments import launch, edit; '
       f'config = tiny.get_config(); [config[k.split(".")[0]].__setitem__(k.split(".")[1], v) '
-      f'for k, v in {OVERRIDES!r}.items()]; '
+      f'for k, v in {tiny_run.OVERRIDES!r}.items()]; '
       f'print("SUMMARY", evaluate.run(config, {workdir!r})["nll_iwae"]); '
       f'sys.argv = ["edit", "--workdir={workdir}", "--a=0", "--b=1", "--region=top", '
       f'"--out={out}/edit.png"]; launch.run_app(edit.main)'
@@ -311,7 +274,12 @@ class ReadOnlyTest(absltest.TestCase):
       subprocess.run(['chmod', '-R', 'a-w', workdir], check=True)
     try:
       result = subprocess.run(
-        [sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, '-c', script],
+        cwd=tiny_run.REPO,
+        env={**os.environ, **tiny_run.ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
       )
     finally:
       if not as_root:
@@ -327,7 +295,7 @@ class EvalRecordTest(absltest.TestCase):
   """Item 8: an eval of the same checkpoint under the same settings is not repeated."""
 
   def test_second_eval_is_skipped_with_the_recorded_summary(self):
-    workdir = copy_of_finished()
+    workdir = tiny_run.copy()
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       metrics = f.read()
     test_lines = [
@@ -339,11 +307,11 @@ class EvalRecordTest(absltest.TestCase):
     self.assertEqual(record['checkpoint']['step'], 10)
     self.assertEqual(test_lines[0]['nll_iwae'], record['summary']['nll_iwae'])
     before = snapshot(workdir)
-    summary = evaluate.run(make_config(), workdir)
+    summary = evaluate.run(tiny_run.config(), workdir)
     self.assertEqual(summary, record['summary'])
     self.assertEqual(snapshot(workdir), before)  # metrics.jsonl included: no line added.
     # Other eval settings or another checkpoint: not the recorded eval.
-    other = evaluate.eval_record_key(make_config(**{'eval.iwae_samples': (1, 2)}), workdir)
+    other = evaluate.eval_record_key(tiny_run.config(**{'eval.iwae_samples': (1, 2)}), workdir)
     self.assertNotEqual(other['settings'], record['settings'])
     self.assertEqual(other['checkpoint'], record['checkpoint'])
 

@@ -1,28 +1,79 @@
-"""One quickly trained tiny run per test process, shared by the tests that need
-a finished run (the API's and the explorer's)."""
+"""One finished tiny run per test session, shared by the tests that need a
+finished run (the API's, the explorer's, the stage records').
 
-import functools
+The first test process to ask builds it through the command line, every
+stage, under a file lock; the others (pytest-xdist workers) wait for it.
+Users only read it: a test that changes a run works on a copy (`copy`).
+"""
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
 from configs import tiny
-from experiments import launch
 
-STAGES = ('bank', 'parse', 'prior', 'vae')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/tiny.py shortened further: compile time dominates anyway.
+OVERRIDES = {
+  'prior.train_steps': 10,
+  'vae.train_steps': 10,
+  'data.holdout_size': 0,
+  'eval.authors_samples': 0,
+}
+# Compile time dominates the tiny programs; the tests that make their own
+# runs next to this one set the same (jax.config 'jax_disable_most_optimizations').
+ENV = {'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
 
 
-def config():
-  """configs/tiny.py with a few training steps and no held-out split."""
+def config(**changes):
+  """configs/tiny.py with OVERRIDES and then changes ({'vae.beta': 0.5})."""
   config = tiny.get_config()
-  config.prior.train_steps = config.prior.eval_every = config.prior.checkpoint_every = 4
-  config.vae.train_steps = config.vae.checkpoint_every = 4
-  config.data.holdout_size = 0
+  for field, value in {**OVERRIDES, **changes}.items():
+    section, name = field.split('.')
+    config[section][name] = value
   return config
 
 
-@functools.cache
+def command(workdir: str, *flags: str) -> list[str]:
+  """The command line that runs the pipeline on workdir with OVERRIDES, then flags."""
+  overrides = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  return [
+    sys.executable,
+    '-m',
+    'experiments.mnist',
+    f'--workdir={workdir}',
+    '--config=configs/tiny.py',
+    *overrides,
+    *flags,
+  ]
+
+
 def trained_run() -> str:
-  """A run directory with the stages bank, parse, prior and vae done (about 40 s)."""
-  workdir = tempfile.mkdtemp(prefix='npdraw_tiny_run_')
-  for stage in STAGES:
-    launch.STAGES[stage](config(), workdir)
+  """The shared run's directory: bank, parse, prior, vae and eval done (about 40 s, once)."""
+  # xdist gives its workers one id per session; without xdist the process is the session.
+  session = os.environ.get('PYTEST_XDIST_TESTRUNUID', f'pid{os.getpid()}')
+  workdir = os.path.join(tempfile.gettempdir(), f'npdraw_tiny_run_{session}')
+  with open(workdir + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(workdir + '.done'):
+      result = subprocess.run(
+        command(workdir),
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+      )
+      assert result.returncode == 0, result.stderr[-3000:]
+      open(workdir + '.done', 'w').close()  # noqa: SIM115
   return workdir
+
+
+def copy() -> str:
+  """A copy of the shared run, for a test that changes it."""
+  destination = os.path.join(tempfile.mkdtemp(), 'run')
+  shutil.copytree(trained_run(), destination)
+  return destination
