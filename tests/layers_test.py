@@ -15,10 +15,6 @@ from npdraw_jax import npdraw, sharding, train_vae
 from npdraw_jax.models import layers
 
 
-def setUpModule():
-  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
-
-
 class ConvTransposeTest(parameterized.TestCase):
   @parameterized.parameters(
     (4, 2, False),

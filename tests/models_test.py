@@ -22,10 +22,6 @@ REFERENCE_CONFIGS = {'mnist': mnist, 'celeba': celeba, 'cifar10': cifar10}
 OUTPUT_CHANNELS = {'mnist': 1, 'celeba': 6, 'cifar10': 10 + 10 * 3 * 3}
 
 
-def setUpModule():
-  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
-
-
 # --- Parameter counts from the spec's layer lists, by hand --------------------
 
 

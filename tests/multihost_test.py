@@ -30,7 +30,7 @@ OVERRIDES = (
   '--config.prior.train_steps=10',
   '--config.prior.eval_every=5',
   '--config.prior.checkpoint_every=5',
-  '--config.vae.train_steps=30',
+  '--config.vae.train_steps=20',
   '--config.vae.checkpoint_every=10',
 )
 RUN_TIMEOUT_S = 400

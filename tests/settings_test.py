@@ -14,7 +14,6 @@ import sys
 import tempfile
 import zipfile
 
-import jax
 import numpy as np
 import tiny_run
 from absl.testing import absltest
@@ -36,7 +35,6 @@ _finished = None  # This module's copy of the shared finished run, made by setUp
 
 def setUpModule():
   global _finished
-  jax.config.update('jax_disable_most_optimizations', True)  # As tiny_run's run.
   _finished = tiny_run.copy()
 
 

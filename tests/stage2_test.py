@@ -18,10 +18,6 @@ from npdraw_jax import canvas, npdraw, sharding, train_vae
 BATCH = 4
 
 
-def setUpModule():
-  jax.config.update('jax_disable_most_optimizations', True)  # Compile time dominates.
-
-
 @functools.cache
 def fixture():
   """Tiny model (T = K = L = 16), structured random parameters, bank and batch with a parse."""

@@ -23,9 +23,7 @@ OVERRIDES = {
   'data.holdout_size': 0,
   'eval.authors_samples': 0,
 }
-# Compile time dominates the tiny programs; the tests that make their own
-# runs next to this one set the same (jax.config 'jax_disable_most_optimizations').
-ENV = {'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
+ENV = {'JAX_PLATFORMS': 'cpu'}
 
 
 def config(**changes):
