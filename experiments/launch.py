@@ -39,6 +39,7 @@ from npdraw_jax import (
   evaluate,
   interrupt,
   pipeline,
+  train_lib,
   train_prior,
   train_vae,
   workdir_lock,
@@ -103,13 +104,6 @@ class _QuietCheckpointer(python_logging.Filter):
     return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
 
 
-def _hide_accelerators_from_tensorflow():
-  """tf.data only feeds the host; without this TF grabs GPU memory."""
-  import tensorflow as tf  # Imported here: only the tfds source needs it.
-
-  tf.config.set_visible_devices([], 'GPU')
-
-
 def prepare(config, joined: str | None = None) -> None:
   """What every command does before its stages: log the process and the
   devices (the first line; `joined`: how it joined a multi-process run), quiet
@@ -125,7 +119,7 @@ def prepare(config, joined: str | None = None) -> None:
   )
   logging.get_absl_handler().addFilter(_QuietCheckpointer())
   if config.data.source == 'tfds':
-    _hide_accelerators_from_tensorflow()
+    train_lib.hide_accelerators_from_tensorflow()
 
 
 # --- User errors as one line ----------------------------------------------------

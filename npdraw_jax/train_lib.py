@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -67,6 +68,18 @@ def restore_or_init(
   return checkpoints.restore(abstract_state(init_fn, mesh))
 
 
+@functools.cache
+def hide_accelerators_from_tensorflow() -> None:
+  """Keeps TensorFlow (tf.data, TensorBoard summaries) on the host; without
+  this it takes the GPUs' memory that JAX needs. Imports TensorFlow (5 s)."""
+  import tensorflow as tf
+
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TensorFlow's devices were set up before: leave them.
+    logging.warning('TensorFlow was initialised before npdraw-jax could keep it off the GPUs.')
+
+
 class MetricsLog:
   """Scalars to TensorBoard (DIR/tensorboard/STAGE) and to DIR/metrics.jsonl.
 
@@ -80,6 +93,7 @@ class MetricsLog:
     self._path = os.path.join(workdir, METRICS_FILE)
     # Imported here: clu's writer imports TensorFlow (5 s), which only a
     # stage that logs needs, not the API, the explorer or a refused command.
+    hide_accelerators_from_tensorflow()
     from clu import metric_writers
 
     self._writer = metric_writers.create_default_writer(
