@@ -256,11 +256,9 @@ class ReadOnlyTest(absltest.TestCase):
     out = tempfile.mkdtemp()
     before = snapshot(workdir)
     script = (
-      'import sys; from configs import tiny; from npdraw_jax import evaluate; '
-      'from experiments import launch, edit; '
-      f'config = tiny.get_config(); [config[k.split(".")[0]].__setitem__(k.split(".")[1], v) '
-      f'for k, v in {tiny_run.OVERRIDES!r}.items()]; '
-      f'print("SUMMARY", evaluate.run(config, {workdir!r})["nll_iwae"]); '
+      f'import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import tiny_run; '
+      'from npdraw_jax import evaluate; from experiments import launch, edit; '
+      f'print("SUMMARY", evaluate.run(tiny_run.config(), {workdir!r})["nll_iwae"]); '
       f'sys.argv = ["edit", "--workdir={workdir}", "--a=0", "--b=1", "--region=top", '
       f'"--out={out}/edit.png"]; launch.run_app(edit.main)'
     )
