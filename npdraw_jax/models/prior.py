@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from npdraw_jax.models import layers
+from npdraw_jax.models import dropout, layers
 
 # PyTorch's nn.LayerNorm default, which the authors' blocks use.
 AUTHORS_LAYER_NORM_EPSILON = 1e-5
@@ -188,15 +188,15 @@ class AuthorsBlock(nn.Module):
     layer_norm = functools.partial(
       nn.LayerNorm, epsilon=AUTHORS_LAYER_NORM_EPSILON, dtype=self.dtype
     )
-    dropout = functools.partial(nn.Dropout, self.dropout, deterministic=not train)
+    drop = functools.partial(dropout.Dropout, self.dropout, deterministic=not train)
     y = CausalSelfAttention(
       self.num_heads, self.head_dim, self.max_length, self.decode, self.dtype
     )(layer_norm()(x), positions)
-    x = x + dropout()(y)
+    x = x + drop()(y)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype)(layer_norm()(x))
-    y = dropout()(exact_gelu(y))
+    y = drop()(exact_gelu(y))
     y = nn.Dense(x.shape[-1], dtype=self.dtype)(y)
-    return x + dropout()(y)
+    return x + drop()(y)
 
 
 class AuthorsHead(nn.Module):
@@ -254,7 +254,7 @@ class AuthorsPrior(nn.Module):
     self.position_embedding = self.param(
       'position_embedding', init, (self.num_steps**2 + 1, self.d_model)
     )
-    self.embedding_dropout = nn.Dropout(self.dropout)
+    self.embedding_dropout = dropout.Dropout(self.dropout)
     self.blocks = [
       AuthorsBlock(
         self.num_heads,
@@ -365,10 +365,10 @@ class Block(nn.Module):
       decode=self.decode,
       dtype=self.dtype,
     )(nn.LayerNorm(dtype=self.dtype)(x), mask=mask)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    x = x + dropout.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
     y = nn.Dense(d_model, dtype=self.dtype)(nn.gelu(y))
-    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    return x + dropout.Dropout(self.dropout, deterministic=not train)(y)
 
 
 class OursPrior(nn.Module):
@@ -413,7 +413,7 @@ class OursPrior(nn.Module):
     x = TokenCNN(self.token_features, self.d_model, self.dtype)(x.reshape(-1, *x.shape[2:]))
     x = x.reshape(batch, length, self.d_model)
     x = x + nn.Embed(self.num_steps, self.d_model, dtype=self.dtype)(steps)[None]
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = dropout.Dropout(self.dropout, deterministic=not train)(x)
     for _ in range(self.num_layers):
       x = Block(self.num_heads, self.head_dim, self.mlp_dim, self.dropout, self.decode, self.dtype)(
         x, train
