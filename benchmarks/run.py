@@ -82,7 +82,11 @@ STRAIGHT_THROUGH = {
   for name, get_config in CONFIGS.items()
 }
 RENDERER = 'renderer: `place` einsum'
-PRIOR_BASELINES = ('GELU: nn.gelu (erfc)', 'attention: heads not folded')
+PRIOR_BASELINES = (
+  'GELU: nn.gelu (erfc)',
+  'attention: heads not folded',
+  "dropout: flax's nn.Dropout (threefry loop)",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,16 +329,19 @@ def variants_lines(settings: Settings) -> list[str]:
     '### Variants in the stage-2 train step',
     '',
     f'"{MODEL}": what the model uses: `layers.conv_transpose` (one stride-1 convolution '
-    'per output phase), `layers.stride1_conv` (kernel gradients of the phases and of 1x1 '
-    'convolutions as per-tap matmuls over batch chunks), attention on the per-head '
-    'products Wq Wk^T and Wv Wo (`prior.folds_heads`) and `prior.exact_gelu` (erf); '
+    'per output phase), `layers.stride1_conv` (kernel gradients of the 2x2 phases as per-tap '
+    'matmuls over batch chunks), `layers.pointwise_conv` (1x1 convolutions as matmuls), '
+    'attention on the per-head products Wq Wk^T and Wv Wo (`prior.folds_heads`), '
+    "`prior.exact_gelu` (erf) and `dropout.Dropout` (flax's masks as one fused hash); "
     "with vae.where_gradient = 'straight_through' (not the reference), "
     '`canvas.place_straight_through` (pad-and-slice '
     "forward, the einsum's gradient). Each other row swaps one of them for its alternative: "
-    "`lax.conv_transpose` (what flax's nn.ConvTranspose runs), XLA's own kernel gradients, "
-    'the four head projections as written, `nn.gelu(approximate=False)` '
-    '(erfc), or the dense `canvas.place` einsum. Same values and gradients to float '
-    'tolerance (tests/canvas_test.py, tests/layers_test.py, tests/prior_test.py); the steps '
+    "`lax.conv_transpose` (what flax's nn.ConvTranspose runs), XLA's own convolutions "
+    '(all of them, or the 1x1 ones only), the four head projections as written, '
+    "`nn.gelu(approximate=False)` (erfc), flax's nn.Dropout, or the dense `canvas.place` "
+    'einsum. Same values and gradients to float tolerance (tests/canvas_test.py, '
+    'tests/layers_test.py, tests/prior_test.py; the dropout masks bit-equal, '
+    'tests/dropout_test.py); the steps '
     'are timed in turn in one process.',
     '',
     *comparison_table(rows, MODEL, f's / step over "{MODEL}"'),

@@ -3,7 +3,7 @@
 The state is built as train_vae builds it, the step is train_vae.make_train_step
 (compiled ahead of time, so compile time is apart), the batch is random
 images with random parses and the part bank random. Variants of the step
-(the renderer, the convolutions, the prior's dropout bits and GELU, the compute
+(the renderer, the convolutions, the prior's dropout masks and GELU, the compute
 dtype) are compiled side by side and timed in turn in one process; `breakdown`
 times the step's parts.
 """
@@ -26,7 +26,7 @@ from absl import logging
 
 from benchmarks import timing
 from npdraw_jax import canvas, distributions, npdraw, sharding, train_lib, train_vae
-from npdraw_jax.models import layers, prior
+from npdraw_jax.models import dropout, layers, prior
 
 
 def lax_conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -35,9 +35,13 @@ def lax_conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Arra
   return jax.lax.conv_transpose(x, kernel, (stride, stride), 'SAME', dimension_numbers=dims)
 
 
-def xla_kernel_gradients() -> contextlib.ExitStack:
-  """layers.stride1_conv and layers.conv_general_dilated as plain lax convolutions."""
+def xla_convolutions() -> contextlib.ExitStack:
+  """layers.stride1_conv, layers.pointwise_conv and layers.conv_general_dilated as plain lax
+  convolutions."""
   patches = contextlib.ExitStack()
+  patches.enter_context(
+    mock.patch.object(layers, 'pointwise_conv', lambda x, k: layers._lax_conv(x, k, 'VALID'))
+  )
   patches.enter_context(
     mock.patch.object(layers, 'stride1_conv', lambda x, k, padding: layers._lax_conv(x, k, padding))
   )
@@ -55,7 +59,13 @@ BASELINES = {
   'transposed conv: lax.conv_transpose': lambda: mock.patch.object(
     layers, 'conv_transpose', lax_conv_transpose
   ),
-  "conv kernel gradients: XLA's": xla_kernel_gradients,
+  "convolutions: XLA's": xla_convolutions,
+  '1x1 convolutions: lax convolutions': lambda: mock.patch.object(
+    layers, 'pointwise_conv', lambda x, k: layers.stride1_conv(x, k, ((0, 0), (0, 0)))
+  ),
+  "dropout: flax's nn.Dropout (threefry loop)": lambda: mock.patch.object(
+    dropout, 'Dropout', flax.linen.Dropout
+  ),
   'GELU: nn.gelu (erfc)': lambda: mock.patch.object(
     prior, 'exact_gelu', lambda x: flax.linen.gelu(x, approximate=False)
   ),

@@ -64,10 +64,10 @@ def stride1_conv(x: jax.Array, kernel: jax.Array, padding: tuple) -> jax.Array:
 
   Same values and gradients as lax's; the kernel gradient is one matmul per
   tap, summed over a few batch chunks. XLA:CPU runs the kernel gradient of
-  1x1 convolutions and of the 2x2 phases of conv_transpose as one
-  long-contraction product, 2-9x slower (benchmarks/RESULTS.md, "The stage-2
-  step at the authors' networks"); for 3x3 kernels its own is faster, so use this
-  for those two kinds only.
+  the 2x2 phases of conv_transpose as one long-contraction product, about 3x
+  slower (benchmarks/RESULTS.md, "The stage-2 step at the authors'
+  networks"); for 3x3 kernels its own is faster, and 1x1 kernels are plain
+  matmuls (pointwise_conv), so use this for the 2x2 phases only.
   """
   return _lax_conv(x, kernel, padding)
 
@@ -96,6 +96,17 @@ def _stride1_conv_bwd(padding, residuals, g):
 stride1_conv.defvjp(_stride1_conv_fwd, _stride1_conv_bwd)
 
 
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 1x1 stride-1 unpadded NHWC/HWIO convolution as one [B*H*W, C] x [C, O] matmul.
+
+  XLA:CPU runs 1x1 convolutions and their gradients 2-3x slower than this
+  matmul (benchmarks/RESULTS.md, "1x1 convolutions as matmuls").
+  """
+  batch, height, width, features = x.shape
+  y = jnp.dot(x.reshape(-1, features), kernel.reshape(features, -1))
+  return y.reshape(batch, height, width, -1)
+
+
 def _is_zero_padding(padding) -> bool:
   return padding in ('SAME', 'VALID') or all(tuple(pair) == (0, 0) for pair in padding)
 
@@ -111,7 +122,7 @@ def conv_general_dilated(
   feature_group_count=1,
   precision=None,
 ):
-  """lax.conv_general_dilated as flax's nn.Conv calls it; 1x1 convolutions through stride1_conv.
+  """lax.conv_general_dilated as flax's nn.Conv calls it; 1x1 convolutions as matmuls.
 
   Pass it as nn.Conv(..., conv_general_dilated=conv_general_dilated): the
   parameters and values are nn.Conv's.
@@ -131,7 +142,7 @@ def conv_general_dilated(
     return jax.lax.conv_general_dilated(
       *args, feature_group_count=feature_group_count, precision=precision
     )
-  return stride1_conv(lhs, rhs, ((0, 0), (0, 0)))
+  return pointwise_conv(lhs, rhs)
 
 
 def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -161,7 +172,10 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     for b in range(stride):
       first_b, pad_b = _phase(k, stride, b)
       sub = kernel[first_a::stride, first_b::stride]
-      row.append(stride1_conv(x, sub, (pad_a, pad_b)))
+      if sub.shape[:2] == (1, 1) and _is_zero_padding((pad_a, pad_b)):
+        row.append(pointwise_conv(x, sub))  # e.g. a 2x2 kernel of stride 2
+      else:
+        row.append(stride1_conv(x, sub, (pad_a, pad_b)))
     rows.append(jnp.stack(row, axis=3))  # [B, H, W, s (b), Cout]
   y = jnp.stack(rows, axis=2)  # [B, H, s (a), W, s (b), Cout]
   batch, height, _, width, _, features = y.shape
