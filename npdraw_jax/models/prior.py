@@ -129,12 +129,15 @@ class CausalSelfAttention(nn.Module):
     if not self.decode and folds_heads(width, self.head_dim):
       scale = self.head_dim**-0.5
       w_query_key = jnp.einsum('dhj,ehj->dhe', w_query, w_key * scale).astype(self.dtype)
-      w_value_out = jnp.einsum('ehj,hjf->ehf', w_value, w_out).astype(self.dtype)
+      w_value_out = jnp.einsum('ehj,hjf->hef', w_value, w_out).astype(self.dtype)
+      # (query, head) stay together as rows and every product contracts
+      # trailing axes, so XLA:CPU runs each as one matmul without transposes;
+      # mixing x before projecting costs what projecting first does.
       query = jnp.einsum('bqd,dhe->bqhe', x, w_query_key)
-      logits = jnp.einsum('bqhe,bke->bhqk', query, x).astype(jnp.float32)
-      weights = self._softmax(logits, visible)
-      value = jnp.einsum('bke,ehf->bkhf', x, w_value_out)
-      y = jnp.einsum('bhqk,bkhf->bqf', weights, value)
+      logits = jnp.einsum('bqhe,bke->bqhk', query, x).astype(jnp.float32)
+      weights = self._softmax(logits, visible[:, None, :])
+      mixed = jnp.einsum('bqhk,bke->bqhe', weights, x)
+      y = jnp.einsum('bqhe,hef->bqf', mixed, w_value_out)
     else:
       query, key, value = (
         jnp.einsum('bsd,dhj->bshj', x, w.astype(self.dtype)) for w in (w_query, w_key, w_value)
