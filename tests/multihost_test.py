@@ -20,6 +20,7 @@ import time
 import checkpoint_files
 import numpy as np
 import pytest
+from flax import traverse_util
 
 pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
@@ -176,19 +177,11 @@ def test_final_parameters_equal(runs, stage):
   step_one, one = checkpoint_files.newest_state(os.path.join(runs['one'], stage))
   step_two, two = checkpoint_files.newest_state(os.path.join(runs['two'], stage))
   assert step_one == step_two
-  flat_one = dict(_flatten(one['params']))
-  flat_two = dict(_flatten(two['params']))
+  flat_one = traverse_util.flatten_dict(one['params'], sep='/')
+  flat_two = traverse_util.flatten_dict(two['params'], sep='/')
   assert flat_one.keys() == flat_two.keys()
   for name, value in flat_one.items():
     np.testing.assert_allclose(flat_two[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
-
-
-def _flatten(tree, prefix=''):
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from _flatten(value, f'{prefix}/{key}')
-  else:
-    yield prefix, np.asarray(tree)
 
 
 def test_artifacts_written_once(runs):

@@ -1,5 +1,6 @@
 """One finished tiny run per test session, shared by the tests that need a
-finished run (the API's, the explorer's, the stage records').
+finished run (the API's, the explorer's, the stage records'), and the shorter
+config of the tests that run whole studies (ablation, low data).
 
 The first test process to ask builds it through the command line, every
 stage, under a file lock; the others (pytest-xdist workers) wait for it.
@@ -23,16 +24,37 @@ OVERRIDES = {
   'data.holdout_size': 0,
   'eval.authors_samples': 0,
 }
+# A study runs several pipelines: shorter still.
+STUDY_OVERRIDES = {
+  'prior.train_steps': 4,
+  'prior.eval_every': 0,
+  'prior.checkpoint_every': 4,
+  'prior.num_samples': 2,
+  'vae.train_steps': 4,
+  'vae.checkpoint_every': 4,
+  'partbank.max_iters': 5,
+  'eval.iwae_samples': (1, 2),
+  'eval.num_pictures': 2,
+}
 ENV = {'JAX_PLATFORMS': 'cpu'}
+
+
+def _tiny_config(fields: dict):
+  config = tiny.get_config()
+  for field, value in fields.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  return config
 
 
 def config(**changes):
   """configs/tiny.py with OVERRIDES and then changes ({'vae.beta': 0.5})."""
-  config = tiny.get_config()
-  for field, value in {**OVERRIDES, **changes}.items():
-    section, name = field.split('.')
-    config[section][name] = value
-  return config
+  return _tiny_config({**OVERRIDES, **changes})
+
+
+def study_config(**changes):
+  """configs/tiny.py with STUDY_OVERRIDES and then changes."""
+  return _tiny_config({**STUDY_OVERRIDES, **changes})
 
 
 def command(workdir: str, *flags: str) -> list[str]:
