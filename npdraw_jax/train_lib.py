@@ -282,53 +282,53 @@ def train_loop(
     logging.info('Stage %s: already trained to step %d; skipping.', stage, start)
     return state
   logging.info('Stage %s: steps %d -> %d, %s.', stage, start, num_steps, description)
-  bar = tqdm(total=num_steps, initial=start, desc=stage, unit='step', dynamic_ncols=True)
-  loss_watch = _LossWatch(stage)
-  unfinished = collections.deque()  # The metrics of steps the device may still run.
-  for step in range(start, num_steps):
-    state, metrics = train_step(state, batch_at(step))
-    unfinished.append(metrics)
-    done = step + 1
-    is_last = done == num_steps
-    will_save = is_last or checkpoints.is_due(done)
-    will_log = will_save or done % log_every == 0
-    will_eval = bool(eval_every) and (done % eval_every == 0 or is_last)
-    if not (will_save or will_log or will_eval or interrupt.requested()):
-      if len(unfinished) > MAX_STEPS_AHEAD:
-        jax.block_until_ready(unfinished.popleft())
-        bar.update(1)
-      continue
-    values, non_finite = check_finite(state, metrics)
-    bar.update(len(unfinished))  # Fetching the metrics waited for every step.
-    unfinished.clear()
-    if non_finite:
-      kept = _close_after_stop(checkpoints, metrics_log, bar)
-      raise errors.NonFiniteError(
-        f'Stage {stage}: non-finite {", ".join(non_finite)} at step {done}; that state was '
-        'not saved. '
-        + (
-          f'The last checkpoint, step {kept}, is kept in {checkpoints.directory}.'
-          if kept >= 0
-          else f'{checkpoints.directory} holds no checkpoint.'
+  # Closed on any exception too, so an error line starts on a line of its own.
+  with tqdm(total=num_steps, initial=start, desc=stage, unit='step', dynamic_ncols=True) as bar:
+    loss_watch = _LossWatch(stage)
+    unfinished = collections.deque()  # The metrics of steps the device may still run.
+    for step in range(start, num_steps):
+      state, metrics = train_step(state, batch_at(step))
+      unfinished.append(metrics)
+      done = step + 1
+      is_last = done == num_steps
+      will_save = is_last or checkpoints.is_due(done)
+      will_log = will_save or done % log_every == 0
+      will_eval = bool(eval_every) and (done % eval_every == 0 or is_last)
+      if not (will_save or will_log or will_eval or interrupt.requested()):
+        if len(unfinished) > MAX_STEPS_AHEAD:
+          jax.block_until_ready(unfinished.popleft())
+          bar.update(1)
+        continue
+      values, non_finite = check_finite(state, metrics)
+      bar.update(len(unfinished))  # Fetching the metrics waited for every step.
+      unfinished.clear()
+      if non_finite:
+        kept = _close_after_stop(checkpoints, metrics_log, bar)
+        raise errors.NonFiniteError(
+          f'Stage {stage}: non-finite {", ".join(non_finite)} at step {done}; that state was '
+          'not saved. '
+          + (
+            f'The last checkpoint, step {kept}, is kept in {checkpoints.directory}.'
+            if kept >= 0
+            else f'{checkpoints.directory} holds no checkpoint.'
+          )
+          + ' Lower the learning rate (or check the data) before training again.'
         )
-        + ' Lower the learning rate (or check the data) before training again.'
-      )
-    if will_log:
-      metrics_log.write(done, 'train', values)
-      loss_watch.observe(done, values)
-      bar.set_postfix({k: f'{v:.4g}' for k, v in values.items() if k in LOSS_NAMES})
-    if will_eval:
-      results = evaluate(state)
-      metrics_log.write(done, eval_split, results)
-      logging.info('%s step %d %s: %s', stage, done, eval_split, results)
-    # Asked for during the step or the evaluation; the last step ends the loop anyway.
-    stopping = interrupt.requested() and not is_last
-    if will_save or stopping:
-      checkpoints.save(done, state, force=True)
-    if stopping:
-      _close_after_stop(checkpoints, metrics_log, bar)
-      raise errors.Interrupted(f'Stage {stage}: interrupted at step {done}', step=done)
-  bar.close()
+      if will_log:
+        metrics_log.write(done, 'train', values)
+        loss_watch.observe(done, values)
+        bar.set_postfix({k: f'{v:.4g}' for k, v in values.items() if k in LOSS_NAMES})
+      if will_eval:
+        results = evaluate(state)
+        metrics_log.write(done, eval_split, results)
+        logging.info('%s step %d %s: %s', stage, done, eval_split, results)
+      # Asked for during the step or the evaluation; the last step ends the loop anyway.
+      stopping = interrupt.requested() and not is_last
+      if will_save or stopping:
+        checkpoints.save(done, state, force=True)
+      if stopping:
+        _close_after_stop(checkpoints, metrics_log, bar)
+        raise errors.Interrupted(f'Stage {stage}: interrupted at step {done}', step=done)
   return state
 
 
