@@ -7,6 +7,7 @@ stage, under a file lock; the others (pytest-xdist workers) wait for it.
 Users only read it: a test that changes a run works on a copy (`copy`).
 """
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -37,6 +38,7 @@ STUDY_OVERRIDES = {
   'eval.num_pictures': 2,
 }
 ENV = {'JAX_PLATFORMS': 'cpu'}
+SESSION_ENV = 'NPDRAW_TEST_SESSION'
 
 
 def _tiny_config(fields: dict):
@@ -71,11 +73,24 @@ def command(workdir: str, *flags: str) -> list[str]:
   ]
 
 
+def _session_workdir() -> str:
+  # tests/conftest.py names the session; a process outside pytest is its own session.
+  session = os.environ.get(SESSION_ENV, f'pid{os.getpid()}')
+  return os.path.join(tempfile.gettempdir(), f'npdraw_tiny_run_{session}')
+
+
+def remove_session_run() -> None:
+  """Deletes this session's shared run, if it was built (at the session's end)."""
+  workdir = _session_workdir()
+  shutil.rmtree(workdir, ignore_errors=True)
+  for marker in ('.done', '.lock'):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(workdir + marker)
+
+
 def trained_run() -> str:
   """The shared run's directory: bank, parse, prior, vae and eval done (about 40 s, once)."""
-  # xdist gives its workers one id per session; without xdist the process is the session.
-  session = os.environ.get('PYTEST_XDIST_TESTRUNUID', f'pid{os.getpid()}')
-  workdir = os.path.join(tempfile.gettempdir(), f'npdraw_tiny_run_{session}')
+  workdir = _session_workdir()
   with open(workdir + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(workdir + '.done'):
