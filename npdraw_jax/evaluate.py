@@ -160,22 +160,21 @@ def make_eval_step(
 ):
   """Jitted (variables, bank, batch, key) -> per-image bounds and 'mask' [B].
 
-  The bounds are those of npdraw.iwae_bounds at sample_counts; with
-  authors_samples = S > 0 also f'nll_authors_{S}' (npdraw.authors_nll, from
-  samples of their own). At most chunk_size samples per pass. The outputs are
-  replicated so that every process sees the whole global batch.
+  The bounds of npdraw.iwae_bounds at sample_counts; with authors_samples =
+  S > 0 also f'nll_authors_{S}' (from the first S of the same samples). At
+  most chunk_size samples per pass. The outputs are replicated so that every
+  process sees the whole global batch.
   """
-  chunk = min(chunk_size, max(sample_counts))
-  if authors_samples:
-    authors_chunk = sample_chunk(authors_samples, chunk_size, 'eval.authors_samples')
+  if authors_samples < 0:
+    raise ValueError(f'eval.authors_samples must be 0 (off) or positive, got {authors_samples}.')
+  num_samples = max(*sample_counts, authors_samples)
+  field = 'eval.authors_samples' if authors_samples > max(sample_counts) else 'eval.iwae_samples'
+  chunk = sample_chunk(num_samples, chunk_size, field)
 
   def eval_step(variables, bank, batch, key):
-    images = batch['image']
-    out = npdraw.iwae_bounds(model, variables, bank, images, key, sample_counts, chunk)
-    if authors_samples:
-      out[f'nll_authors_{authors_samples}'] = npdraw.authors_nll(
-        model, variables, bank, images, jax.random.fold_in(key, 1), authors_samples, authors_chunk
-      )
+    out = npdraw.iwae_bounds(
+      model, variables, bank, batch['image'], key, sample_counts, chunk, authors_samples
+    )
     return {**out, 'mask': batch['mask']}
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)

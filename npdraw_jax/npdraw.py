@@ -453,26 +453,31 @@ def score_hard_samples(
 
 
 def log_importance_weights(
-  model: NPDraw, variables: dict, bank: jax.Array, q: dict, images: jax.Array, key, num_samples
-) -> jax.Array:
-  """log p(x | z_s) + log p(z_s) - log q(z_s | x) for S hard samples, [S, B]."""
-  scored = score_hard_samples(model, variables, bank, q, images, key, num_samples)
-  return scored.log_px + scored.log_pz - scored.log_q
+  model: NPDraw,
+  variables: dict,
+  bank: jax.Array,
+  q: dict,
+  images: jax.Array,
+  key,
+  num_samples,
+  authors: bool = False,
+) -> dict[str, jax.Array]:
+  """Log-weights of S hard samples, [S, B] each.
 
-
-def authors_log_weights(
-  model: NPDraw, variables: dict, bank: jax.Array, q: dict, images: jax.Array, key, num_samples
-) -> jax.Array:
-  """log p(x | z_s) - KL(q || p_s) for S hard samples, [S, B].
-
-  KL is the stage-2 KL (prior_kl) with p_s the prior run on the history of z_s.
+  'iwae': log p(x | z_s) + log p(z_s) - log q(z_s | x); with `authors` also
+  'authors': log p(x | z_s) - KL(q || p_s), the stage-2 KL (prior_kl) with p_s
+  the prior run on the history of z_s (the NP-DRAW authors' weights, spec
+  section 11).
   """
   scored = score_hard_samples(model, variables, bank, q, images, key, num_samples)
-  q_per_sample = jax.tree.map(
-    lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)).reshape(-1, *x.shape[1:]), q
-  )
-  kl = prior_kl(q_per_sample, scored.prior_logits, scored.pres.astype(jnp.float32))
-  return scored.log_px - kl.reshape(num_samples, -1)
+  weights = {'iwae': scored.log_px + scored.log_pz - scored.log_q}
+  if authors:
+    q_per_sample = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)).reshape(-1, *x.shape[1:]), q
+    )
+    kl = prior_kl(q_per_sample, scored.prior_logits, scored.pres.astype(jnp.float32))
+    weights['authors'] = scored.log_px - kl.reshape(num_samples, -1)
+  return weights
 
 
 def iwae_bounds(
@@ -483,40 +488,28 @@ def iwae_bounds(
   key: jax.Array,
   sample_counts: tuple[int, ...],
   chunk_size: int,
+  authors_samples: int = 0,
 ) -> dict[str, jax.Array]:
-  """Per-image bounds on -log p(x) in nats at each S (losses.importance_weighted_bounds)."""
-  q, _ = encode(model, variables, images, train=False)
-  return losses.importance_weighted_bounds(
-    lambda k, n: log_importance_weights(model, variables, bank, q, images, k, n),
-    key,
-    sample_counts,
-    chunk_size,
-  )
+  """Per-image bounds on -log p(x) in nats at each S (losses.bounds_from_log_weights).
 
-
-def authors_nll(
-  model: NPDraw,
-  variables: dict,
-  bank: jax.Array,
-  images: jax.Array,
-  key: jax.Array,
-  num_samples: int,
-  chunk_size: int,
-) -> jax.Array:
-  """The NP-DRAW authors' NLL estimate in nats per image, [B] (spec section 11).
-
-  -logmeanexp over S hard samples z_s ~ q(z | x) of log p(x | z_s) - KL(q || p_s),
-  with the analytic stage-2 KL (prior_kl) and p_s the prior on the history of
-  z_s. It is NOT a bound on -log p(x) (the KL is not log q(z_s) - log p(z_s)
-  of the sample): report it only to compare with the authors' tables, beside
-  iwae_bounds. chunk_size samples per pass; it divides num_samples.
+  With authors_samples = S_a > 0 also f'nll_authors_{S_a}' [B], the NP-DRAW
+  authors' NLL estimate (spec section 11): -logmeanexp of their weights
+  (log_importance_weights) over the first S_a of the same samples. It is NOT a
+  bound on -log p(x) (the KL is not log q(z_s) - log p(z_s) of the sample):
+  report it only to compare with the authors' tables. max(sample_counts,
+  S_a) samples are drawn, chunk_size per pass, which divides that number.
   """
   q, _ = encode(model, variables, images, train=False)
-  # The same chunked -logmeanexp as the bound, over other weights.
-  estimates = losses.importance_weighted_bounds(
-    lambda k, n: authors_log_weights(model, variables, bank, q, images, k, n),
+  log_w = losses.draw_log_weights(
+    lambda k, n: log_importance_weights(
+      model, variables, bank, q, images, k, n, authors=bool(authors_samples)
+    ),
     key,
-    (num_samples,),
+    max(*sample_counts, authors_samples),
     chunk_size,
   )
-  return estimates[f'nll_iwae_{num_samples}']
+  out = losses.bounds_from_log_weights(log_w['iwae'], sample_counts)
+  if authors_samples:
+    estimate = losses.negative_log_mean_exp(log_w['authors'], authors_samples)
+    out[f'nll_authors_{authors_samples}'] = estimate
+  return out

@@ -10,7 +10,7 @@ from absl.testing import absltest
 from scipy import special
 
 from configs import tiny
-from npdraw_jax import evaluate, fid, npdraw
+from npdraw_jax import evaluate, fid, npdraw, sharding
 from npdraw_jax.models import inception
 
 
@@ -91,10 +91,11 @@ class AuthorsNllTest(absltest.TestCase):
       jnp.float32
     )
     bank = jax.random.uniform(jax.random.key(3), (16, 4, 4, 1))
-    estimate = jax.jit(
-      lambda key: npdraw.authors_nll(model, variables, bank, images, key, num_samples, 2)
+    # One IWAE sample asked for: the authors' S samples are drawn anyway.
+    out = jax.jit(
+      lambda key: npdraw.iwae_bounds(model, variables, bank, images, key, (1,), 2, num_samples)
     )(jax.random.key(4))
-    estimate = np.asarray(estimate, np.float64)
+    estimate = np.asarray(out[f'nll_authors_{num_samples}'], np.float64)
     mean_weight = np.exp(256 * np.log(2) - estimate)
     share = (mean_weight - np.exp(-k0)) / (np.exp(-k1) - np.exp(-k0))
     drawn = np.round(share * num_samples)
@@ -104,6 +105,36 @@ class AuthorsNllTest(absltest.TestCase):
     self.assertLess(abs(drawn.mean() / num_samples - 0.5), 4 * 0.5 / math.sqrt(256))
     # Both kinds occur, so a mean of the KLs instead of a log-mean-exp would show.
     self.assertGreater(np.mean((drawn > 0) & (drawn < num_samples)), 0.5)
+
+
+class SharedSamplesTest(absltest.TestCase):
+  def test_the_authors_estimate_leaves_the_bounds_as_they_were(self):
+    model = npdraw.make_model(tiny.get_config())
+    variables = jax.jit(lambda k: npdraw.init_variables(model, k))(jax.random.key(0))
+    images = (jax.random.uniform(jax.random.key(1), (8, 16, 16, 1)) < 0.3).astype(jnp.float32)
+    bank = jax.random.uniform(jax.random.key(2), (16, 4, 4, 1))
+    bounds = jax.jit(
+      lambda authors: npdraw.iwae_bounds(
+        model, variables, bank, images, jax.random.key(3), (1, 4), 2, authors
+      ),
+      static_argnums=0,
+    )
+    alone, shared = bounds(0), bounds(4)
+    self.assertEqual(set(shared) - set(alone), {'nll_authors_4'})
+    for name, value in alone.items():
+      np.testing.assert_allclose(shared[name], value, rtol=1e-6, err_msg=name)
+    # log p(x | z) - KL differs from log p(x | z) + log p(z) - log q(z): a real second estimate.
+    self.assertGreater(np.max(np.abs(shared['nll_authors_4'] - shared['nll_iwae_4'])), 0.1)
+
+  def test_sample_counts_are_checked_naming_the_field(self):
+    model, mesh = npdraw.make_model(tiny.get_config()), sharding.make_mesh()
+    for counts, authors, field in (
+      ((1, 10), 0, 'eval.iwae_samples'),
+      ((1, 8), 10, 'eval.authors_samples'),
+      ((1, 8), -1, 'eval.authors_samples'),
+    ):
+      with self.assertRaisesRegex(ValueError, field):
+        evaluate.make_eval_step(model, mesh, counts, 4, authors)
 
 
 class FeatureMomentsTest(absltest.TestCase):
