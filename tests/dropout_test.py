@@ -44,7 +44,7 @@ class RandomBitsTest(parameterized.TestCase):
 
 
 class Stack(nn.Module):
-  """Three dropout layers of either class, auto-named, one inside a submodule."""
+  """Three auto-named dropout layers of either class around a Dense layer."""
 
   layer: type
 
