@@ -62,16 +62,8 @@ def read_json(*parts):
     return json.load(f)
 
 
-def run_cli(workdir: str, *flags: str, **kwargs) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    tiny_run.command(workdir, *flags),
-    cwd=tiny_run.REPO,
-    env={**os.environ, **tiny_run.ENV},
-    capture_output=True,
-    text=True,
-    timeout=300,
-    **kwargs,
-  )
+def run_cli(workdir: str, *flags: str) -> subprocess.CompletedProcess:
+  return tiny_run.run(tiny_run.command(workdir, *flags), timeout=300)
 
 
 class ChangedSettingsTest(absltest.TestCase):
@@ -269,14 +261,7 @@ class ReadOnlyTest(absltest.TestCase):
     if not as_root:
       subprocess.run(['chmod', '-R', 'a-w', workdir], check=True)
     try:
-      result = subprocess.run(
-        [sys.executable, '-c', script],
-        cwd=tiny_run.REPO,
-        env={**os.environ, **tiny_run.ENV},
-        capture_output=True,
-        text=True,
-        timeout=300,
-      )
+      result = tiny_run.run([sys.executable, '-c', script], timeout=300)
     finally:
       if not as_root:
         subprocess.run(['chmod', '-R', 'u+w', workdir], check=True)

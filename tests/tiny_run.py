@@ -73,6 +73,13 @@ def command(workdir: str, *flags: str) -> list[str]:
   ]
 
 
+def run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+  """Runs a command in the repository with ENV, capturing its text output."""
+  return subprocess.run(
+    args, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout
+  )
+
+
 def _session_workdir() -> str:
   # tests/conftest.py names the session; a process outside pytest is its own session.
   session = os.environ.get(SESSION_ENV, f'pid{os.getpid()}')
@@ -94,14 +101,7 @@ def trained_run() -> str:
   with open(workdir + '.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(workdir + '.done'):
-      result = subprocess.run(
-        command(workdir),
-        cwd=REPO,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=600,
-      )
+      result = run(command(workdir), timeout=600)
       assert result.returncode == 0, result.stderr[-3000:]
       open(workdir + '.done', 'w').close()  # noqa: SIM115
   return workdir
