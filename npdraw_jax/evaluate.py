@@ -72,7 +72,7 @@ def sample_chunk(num_samples: int, chunk_size: int, field: str) -> int:
   `field`): min(eval.chunk_size, num_samples), which must divide it."""
   chunk = min(chunk_size, num_samples)
   if num_samples < 1 or chunk < 1 or num_samples % chunk:
-    raise ValueError(
+    raise errors.ConfigError(
       f'{field} = {num_samples} must be positive and a multiple of eval.chunk_size '
       f'= {chunk_size} when larger than it.'
     )
@@ -166,7 +166,9 @@ def make_eval_step(
   process sees the whole global batch.
   """
   if authors_samples < 0:
-    raise ValueError(f'eval.authors_samples must be 0 (off) or positive, got {authors_samples}.')
+    raise errors.ConfigError(
+      f'eval.authors_samples must be 0 (off) or positive, got {authors_samples}.'
+    )
   num_samples = max(*sample_counts, authors_samples)
   field = 'eval.authors_samples' if authors_samples > max(sample_counts) else 'eval.iwae_samples'
   chunk = sample_chunk(num_samples, chunk_size, field)
