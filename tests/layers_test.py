@@ -1,5 +1,5 @@
-"""Transposed convolution by phases and 1x1 convolutions against flax's, and bfloat16 compute
-against float32."""
+"""Transposed convolution by phases, 1x1 convolutions and folded pairs of them against
+flax's, and bfloat16 compute against float32."""
 
 import functools
 
@@ -24,6 +24,8 @@ class ConvTransposeTest(parameterized.TestCase):
     (4, 3, False),
     (3, 1, False),
     (2, 2, True),
+    (3, 3, True),  # kernel == stride: every phase is 1x1, one matmul.
+    (1, 1, False),
   )
   def test_values_and_gradients_equal_flax(self, kernel, stride, use_bias):
     x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
@@ -65,6 +67,39 @@ class PointwiseConvTest(parameterized.TestCase):
 
     want = jax.value_and_grad(objective(plain), argnums=(0, 1))(params, x)
     got = jax.jit(jax.value_and_grad(objective(ours), argnums=(0, 1)))(params, x)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class PointwisePairTest(parameterized.TestCase):
+  @parameterized.parameters(True, False)
+  def test_parameters_values_and_gradients_equal_two_flax_convs(self, second_bias):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+
+    class TwoConvs(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        hidden = nn.Conv(7, (1, 1))
+        return nn.Conv(4, (1, 1), use_bias=second_bias)(hidden(x))
+
+    class Folded(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        first = layers.PointwiseParams(3, 7, name='Conv_0')()
+        second = layers.PointwiseParams(7, 4, second_bias, name='Conv_1')()
+        return layers.pointwise_pair(x, first, second, jnp.float32)
+
+    params = TwoConvs().init(jax.random.key(1), x)
+    # Same tree and initial values as the two layers make, so checkpoints carry over.
+    chex.assert_trees_all_equal(Folded().init(jax.random.key(1), x), params)
+    # Non-zero biases, so that b0 W1 + b1 is exercised.
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(3), p.shape), params)
+    projection = jax.random.normal(jax.random.key(2), (2, 5, 6, 4))
+
+    def objective(layer):
+      return lambda p, x: jnp.sum(layer.apply(p, x) * projection)
+
+    want = jax.value_and_grad(objective(TwoConvs()), argnums=(0, 1))(params, x)
+    got = jax.jit(jax.value_and_grad(objective(Folded()), argnums=(0, 1)))(params, x)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -150,7 +150,8 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
   Output pixel (s * i + a, s * j + b) only sees the kernel taps of phase
   (a, b), so each phase is a stride-1 convolution with that sub-kernel and the
-  phases are interleaved. XLA:CPU runs the gradient of an input-dilated
+  phases are interleaved; when kernel == stride every phase is 1x1 and all of
+  them are one matmul (_pointwise_phases). XLA:CPU runs the gradient of an input-dilated
   convolution (how lax.conv_transpose is lowered) tens of times slower than
   these (benchmarks/RESULTS.md).
 
@@ -165,6 +166,8 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   k = kernel.shape[0]
   if k < stride:
     raise ValueError(f'A kernel of {k} taps leaves some output phases of stride {stride} empty.')
+  if k == stride:
+    return _pointwise_phases(x, kernel, stride)
   rows = []
   for a in range(stride):
     first_a, pad_a = _phase(k, stride, a)
@@ -173,13 +176,63 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
       first_b, pad_b = _phase(k, stride, b)
       sub = kernel[first_a::stride, first_b::stride]
       if sub.shape[:2] == (1, 1) and _is_zero_padding((pad_a, pad_b)):
-        row.append(pointwise_conv(x, sub))  # e.g. a 2x2 kernel of stride 2
+        row.append(pointwise_conv(x, sub))  # e.g. phase (1, 1) of a 3x3 kernel of stride 2
       else:
         row.append(stride1_conv(x, sub, (pad_a, pad_b)))
     rows.append(jnp.stack(row, axis=3))  # [B, H, W, s (b), Cout]
   y = jnp.stack(rows, axis=2)  # [B, H, s (a), W, s (b), Cout]
   batch, height, _, width, _, features = y.shape
   return y.reshape(batch, stride * height, stride * width, features)
+
+
+def _pointwise_phases(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """conv_transpose when kernel == stride: each output phase is a 1x1 convolution
+  (tap s - 1 - a of phase a), so all phases are one [B*H*W, Cin] x [Cin, s*s*Cout]
+  matmul whose columns are then interleaved."""
+  phases = kernel[::-1, ::-1].transpose(2, 0, 1, 3)  # [Cin, s (a), s (b), Cout]
+  batch, height, width, features = x.shape
+  y = jnp.dot(x.reshape(-1, features), phases.reshape(features, -1))
+  y = y.reshape(batch, height, width, stride, stride, -1).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(batch, stride * height, stride * width, -1)
+
+
+class PointwiseParams(nn.Module):
+  """The parameters of nn.Conv(features, (1, 1), use_bias=...) on `inputs` channels,
+  made and initialised as that layer makes them, for a caller that combines
+  them before use (pointwise_pair). Returns (kernel [1, 1, in, out], bias, zero
+  without use_bias)."""
+
+  inputs: int
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    shape = (1, 1, self.inputs, self.features)
+    kernel = self.param('kernel', nn.linear.default_kernel_init, shape, jnp.float32)
+    if not self.use_bias:
+      return kernel, jnp.zeros((self.features,), jnp.float32)
+    return kernel, self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+
+
+def pointwise_pair(x: jax.Array, first: tuple, second: tuple, dtype: Any) -> jax.Array:
+  """Two 1x1 convolutions in turn, nothing between, as one: kernel W0 W1, bias b0 W1 + b1.
+
+  Equal in exact arithmetic (float tolerance in practice). At CelebA's 64x64
+  output with 128 hidden channels, the first convolution's product and its
+  input gradient cost more than the rest of the decoder's last stage
+  (benchmarks/RESULTS.md, "two 1x1 convolutions as one").
+
+  Args:
+    x: [B, H, W, C].
+    first, second: (kernel [1, 1, in, out], bias [out]) of each, as PointwiseParams gives.
+    dtype: compute dtype.
+  """
+  (first_kernel, first_bias), (second_kernel, second_bias) = first, second
+  kernel = first_kernel[0, 0] @ second_kernel[0, 0]
+  bias = first_bias @ second_kernel[0, 0] + second_bias
+  y = pointwise_conv(x.astype(dtype), kernel[None, None].astype(dtype))
+  return y + bias.astype(dtype)
 
 
 class ConvTranspose(nn.Module):
