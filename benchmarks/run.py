@@ -87,6 +87,11 @@ PRIOR_BASELINES = (
   'attention: heads not folded',
   "dropout: flax's nn.Dropout (threefry loop)",
 )
+# Layers only the decoder that upsamples the canvas 2x (CelebA) has.
+UPSAMPLING_BASELINES = (
+  'transposed conv, kernel = stride: one matmul per phase',
+  'two 1x1 convolutions in turn (not folded)',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,8 +314,11 @@ def variants_lines(settings: Settings) -> list[str]:
   for name, get_config in CONFIGS.items():
     # The reference renders without where's gradient; with beta = 0 (CelebA) no prior runs.
     labels = [label for label in vae_train.BASELINES if label != RENDERER]
-    if get_config().vae.beta == 0:
+    config = get_config()
+    if config.vae.beta == 0:
       labels = [label for label in labels if label not in PRIOR_BASELINES]
+    if config.data.image_size == config.data.canvas_size:
+      labels = [label for label in labels if label not in UPSAMPLING_BASELINES]
     straight = f'{name}, where straight-through'
     groups = [(name, get_config, labels), (straight, STRAIGHT_THROUGH[straight], [RENDERER])]
     for group, group_config, group_labels in groups:
@@ -329,7 +337,8 @@ def variants_lines(settings: Settings) -> list[str]:
     '### Variants in the stage-2 train step',
     '',
     f'"{MODEL}": what the model uses: `layers.conv_transpose` (one stride-1 convolution '
-    'per output phase), `layers.stride1_conv` (kernel gradients of the 2x2 phases as per-tap '
+    'per output phase; one matmul for all phases when the kernel equals the stride), '
+    '`layers.pointwise_pair` (two 1x1 convolutions in a row as one), `layers.stride1_conv` (kernel gradients of the 2x2 phases as per-tap '
     'matmuls over batch chunks), `layers.pointwise_conv` (1x1 convolutions as matmuls), '
     'attention on the per-head products Wq Wk^T and Wv Wo (`prior.folds_heads`), '
     "`prior.exact_gelu` (erf) and `dropout.Dropout` (flax's masks as one fused hash); "
@@ -338,8 +347,8 @@ def variants_lines(settings: Settings) -> list[str]:
     "forward, the einsum's gradient). Each other row swaps one of them for its alternative: "
     "`lax.conv_transpose` (what flax's nn.ConvTranspose runs), XLA's own convolutions "
     '(all of them, or the 1x1 ones only), the four head projections as written, '
-    "`nn.gelu(approximate=False)` (erfc), flax's nn.Dropout, or the dense `canvas.place` "
-    'einsum. Same values and gradients to float tolerance (tests/canvas_test.py, '
+    "`nn.gelu(approximate=False)` (erfc), flax's nn.Dropout, the dense `canvas.place` "
+    'einsum, a convolution per phase, or the two 1x1 convolutions in turn. Same values and gradients to float tolerance (tests/canvas_test.py, '
     'tests/layers_test.py, tests/prior_test.py; the dropout masks bit-equal, '
     'tests/dropout_test.py); the steps '
     'are timed in turn in one process.',

@@ -51,6 +51,13 @@ def xla_convolutions() -> contextlib.ExitStack:
   return patches
 
 
+def pointwise_in_turn(x: jax.Array, first: tuple, second: tuple, dtype) -> jax.Array:
+  """What layers.pointwise_pair replaces: the two 1x1 convolutions one after the other."""
+  for kernel, bias in (first, second):
+    x = layers.pointwise_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+  return x
+
+
 # The alternatives to what the model uses, patched in while a step is traced.
 BASELINES = {
   'renderer: `place` einsum': lambda: mock.patch.object(
@@ -60,6 +67,12 @@ BASELINES = {
     layers, 'conv_transpose', lax_conv_transpose
   ),
   "convolutions: XLA's": xla_convolutions,
+  'transposed conv, kernel = stride: one matmul per phase': lambda: mock.patch.object(
+    layers, '_pointwise_phases', layers._phase_convolutions
+  ),
+  'two 1x1 convolutions in turn (not folded)': lambda: mock.patch.object(
+    layers, 'pointwise_pair', pointwise_in_turn
+  ),
   '1x1 convolutions: lax convolutions': lambda: mock.patch.object(
     layers, 'pointwise_conv', lambda x, k: layers.stride1_conv(x, k, ((0, 0), (0, 0)))
   ),

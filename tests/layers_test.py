@@ -43,6 +43,17 @@ class ConvTransposeTest(parameterized.TestCase):
     got = jax.jit(jax.value_and_grad(objective(ours), argnums=(0, 1)))(params, x)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
+  @parameterized.parameters(2, 3)
+  def test_phase_convolutions_equal_lax_when_kernel_equals_stride(self, stride):
+    # The model takes one matmul for these; the per-phase path is the benchmarks' baseline.
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    kernel = jax.random.normal(jax.random.key(1), (stride, stride, 3, 4))
+    want = jax.lax.conv_transpose(
+      x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    got = layers._phase_convolutions(x, kernel, stride)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
   def test_kernel_smaller_than_stride(self):
     with self.assertRaisesRegex(ValueError, 'empty'):
       layers.conv_transpose(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 1, 1, 1)), 2)

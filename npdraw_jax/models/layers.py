@@ -150,10 +150,10 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
   Output pixel (s * i + a, s * j + b) only sees the kernel taps of phase
   (a, b), so each phase is a stride-1 convolution with that sub-kernel and the
-  phases are interleaved; when kernel == stride every phase is 1x1 and all of
-  them are one matmul (_pointwise_phases). XLA:CPU runs the gradient of an input-dilated
-  convolution (how lax.conv_transpose is lowered) tens of times slower than
-  these (benchmarks/RESULTS.md).
+  phases are interleaved (_phase_convolutions); when kernel == stride every
+  phase is 1x1 and all of them are one matmul (_pointwise_phases). XLA:CPU
+  runs the gradient of an input-dilated convolution (how lax.conv_transpose is
+  lowered) tens of times slower than these (benchmarks/RESULTS.md).
 
   Args:
     x: [B, H, W, Cin].
@@ -168,6 +168,12 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     raise ValueError(f'A kernel of {k} taps leaves some output phases of stride {stride} empty.')
   if k == stride:
     return _pointwise_phases(x, kernel, stride)
+  return _phase_convolutions(x, kernel, stride)
+
+
+def _phase_convolutions(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """conv_transpose as one stride-1 convolution per output phase, interleaved."""
+  k = kernel.shape[0]
   rows = []
   for a in range(stride):
     first_a, pad_a = _phase(k, stride, a)
