@@ -338,7 +338,8 @@ def variants_lines(settings: Settings) -> list[str]:
     '',
     f'"{MODEL}": what the model uses: `layers.conv_transpose` (one stride-1 convolution '
     'per output phase; one matmul for all phases when the kernel equals the stride), '
-    '`layers.pointwise_pair` (two 1x1 convolutions in a row as one), `layers.stride1_conv` (kernel gradients of the 2x2 phases as per-tap '
+    '`layers.pointwise_pair` (two 1x1 convolutions in a row as one), '
+    '`layers.stride1_conv` (kernel gradients of the 2x2 phases as per-tap '
     'matmuls over batch chunks), `layers.pointwise_conv` (1x1 convolutions as matmuls), '
     'attention on the per-head products Wq Wk^T and Wv Wo (`prior.folds_heads`), '
     "`prior.exact_gelu` (erf) and `dropout.Dropout` (flax's masks as one fused hash); "
@@ -348,9 +349,9 @@ def variants_lines(settings: Settings) -> list[str]:
     "`lax.conv_transpose` (what flax's nn.ConvTranspose runs), XLA's own convolutions "
     '(all of them, or the 1x1 ones only), the four head projections as written, '
     "`nn.gelu(approximate=False)` (erfc), flax's nn.Dropout, the dense `canvas.place` "
-    'einsum, a convolution per phase, or the two 1x1 convolutions in turn. Same values and gradients to float tolerance (tests/canvas_test.py, '
-    'tests/layers_test.py, tests/prior_test.py; the dropout masks bit-equal, '
-    'tests/dropout_test.py); the steps '
+    'einsum, a convolution per phase, or the two 1x1 convolutions in turn. Same values '
+    'and gradients to float tolerance (tests/canvas_test.py, tests/layers_test.py, '
+    'tests/prior_test.py; the dropout masks bit-equal, tests/dropout_test.py); the steps '
     'are timed in turn in one process.',
     '',
     *comparison_table(rows, MODEL, f's / step over "{MODEL}"'),
