@@ -22,6 +22,7 @@ Three ways to put a part on the canvas:
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import chex
 import jax
@@ -189,6 +190,11 @@ def boxes(grid: Grid, where: jax.Array, dtype=jnp.float32) -> jax.Array:
   return paste(grid, ones, where)
 
 
+def _drawn(placed: jax.Array, pres: jax.Array) -> jax.Array:
+  chex.assert_equal_shape_prefix([placed, pres], pres.ndim)
+  return placed * pres.astype(placed.dtype)[..., None, None, None]
+
+
 def accumulate(placed: jax.Array, pres: jax.Array) -> jax.Array:
   """Canvases after every step: c_t = max(c_{t-1}, pres_t * placed_t), c_0 = 0.
 
@@ -199,10 +205,29 @@ def accumulate(placed: jax.Array, pres: jax.Array) -> jax.Array:
   Returns:
     [..., T, H, W, C] c_1 .. c_T.
   """
-  chex.assert_equal_shape_prefix([placed, pres], pres.ndim)
-  drawn = placed * pres.astype(placed.dtype)[..., None, None, None]
   # The running max equals the recursion because parts are >= 0 and c_0 = 0.
-  return jax.lax.cummax(drawn, axis=pres.ndim - 1)
+  return jax.lax.cummax(_drawn(placed, pres), axis=pres.ndim - 1)
+
+
+def last_of_cummax(x: jax.Array, axis: int) -> jax.Array:
+  """jax.lax.cummax(x, axis) at the last index, without the rest of the scan.
+
+  jax differentiates cummax as a parallel prefix scan of pairwise maxima;
+  this runs that scan's pairings for the last element only, so values and
+  gradients are bit-equal to cummax's, ties included (a tie splits the
+  gradient in halves at each pairing), and the work is about a third.
+  """
+  n = x.shape[axis]
+  if n < 2:
+    return jax.lax.index_in_dim(x, n - 1, axis, keepdims=False)
+  pairs = jax.lax.max(
+    jax.lax.slice_in_dim(x, 0, n - 1, stride=2, axis=axis),
+    jax.lax.slice_in_dim(x, 1, None, stride=2, axis=axis),
+  )
+  last = last_of_cummax(pairs, axis)
+  if n % 2:
+    last = jax.lax.max(last, jax.lax.index_in_dim(x, n - 1, axis, keepdims=False))
+  return last
 
 
 def render_steps(
@@ -236,6 +261,19 @@ def render(
   return jnp.max(drawn, axis=pres.ndim - 1)
 
 
+def _relaxed_put(grid: Grid, where_weights: jax.Array, where_gradient: bool) -> Callable:
+  """How the relaxed renderer pastes [..., T, p, p, C] parts (see render_relaxed_steps)."""
+  if where_gradient:
+    return lambda x: place_straight_through(grid, x, where_weights)
+  where = jnp.argmax(where_weights, axis=-1)
+  return lambda x: paste(grid, x, where)
+
+
+def _check_relaxed(grid, bank, pres, where_weights, what_weights) -> None:
+  chex.assert_shape(where_weights, (*pres.shape, grid.num_locations))
+  chex.assert_shape(what_weights, (*pres.shape, bank.shape[0]))
+
+
 def render_relaxed_steps(
   grid: Grid,
   bank: jax.Array,
@@ -263,16 +301,27 @@ def render_relaxed_steps(
   Returns:
     canvases [..., T, Hc, Wc, C] and location maps [..., T, Hc, Wc, 1].
   """
-  chex.assert_shape(where_weights, (*pres.shape, grid.num_locations))
-  chex.assert_shape(what_weights, (*pres.shape, bank.shape[0]))
+  _check_relaxed(grid, bank, pres, where_weights, what_weights)
+  put = _relaxed_put(grid, where_weights, where_gradient)
   parts = jnp.einsum('...k,kijc->...ijc', what_weights, bank)
-  if where_gradient:
-    put = lambda x: place_straight_through(grid, x, where_weights)
-  else:
-    where = jnp.argmax(where_weights, axis=-1)
-    put = lambda x: paste(grid, x, where)
   ones = jnp.ones((*pres.shape, grid.patch_size, grid.patch_size, 1), bank.dtype)
   return accumulate(put(parts), pres), accumulate(put(ones), pres)
+
+
+def render_relaxed(
+  grid: Grid,
+  bank: jax.Array,
+  pres: jax.Array,
+  where_weights: jax.Array,
+  what_weights: jax.Array,
+  where_gradient: bool = True,
+) -> jax.Array:
+  """The final canvas of render_relaxed_steps, [..., Hc, Wc, C], with the same values and
+  gradients, for when nothing reads the history (stage 2 with beta = 0)."""
+  _check_relaxed(grid, bank, pres, where_weights, what_weights)
+  put = _relaxed_put(grid, where_weights, where_gradient)
+  parts = jnp.einsum('...k,kijc->...ijc', what_weights, bank)
+  return last_of_cummax(_drawn(put(parts), pres), axis=pres.ndim - 1)
 
 
 def states_before(canvases: jax.Array, maps: jax.Array) -> tuple[jax.Array, jax.Array]:

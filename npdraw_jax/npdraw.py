@@ -312,21 +312,19 @@ def stage2_terms(
     batch['pres'], batch['where'], batch['what'], model.grid.num_locations, bank.shape[0]
   )
   latents = teacher_force(k_forcing, rho, sampled, parse, weights.teacher_forcing_pres)
-  # One rendering serves the decoder (last canvas) and the prior (the history).
-  canvases, maps = canvas_lib.render_relaxed_steps(
-    model.grid,
-    bank,
-    latents.pres,
-    latents.where,
-    latents.what,
-    where_gradient=weights.where_gradient == 'straight_through',
-  )
-  out, dec_stats = decode(model, variables, canvases[:, -1], train=True)
+  render_args = (model.grid, bank, latents.pres, latents.where, latents.what)
+  where_gradient = weights.where_gradient == 'straight_through'
+  if weights.beta == 0:  # Nothing depends on the prior: no history, and the prior is not run.
+    final_canvas, history = canvas_lib.render_relaxed(*render_args, where_gradient), None
+  else:
+    # One rendering serves the decoder (last canvas) and the prior (the history).
+    canvases, maps = canvas_lib.render_relaxed_steps(*render_args, where_gradient)
+    final_canvas, history = canvases[:, -1], canvas_lib.states_before(canvases, maps)
+  out, dec_stats = decode(model, variables, final_canvas, train=True)
   recon = distributions.nll(model.likelihood, out, images, model.num_mixtures)
   sup = parse_supervision(q, batch['pres'], batch['where'], batch['what'])
   kl = p = None
-  if weights.beta != 0:  # beta = 0: nothing depends on the prior, so it is not run.
-    history = canvas_lib.states_before(canvases, maps)
+  if history is not None:
     if not weights.kl_through_history:
       history = jax.lax.stop_gradient(history)  # Saves the backward pass through the prior.
     prior_params = variables['params']['prior']
@@ -340,7 +338,7 @@ def stage2_terms(
       rngs={'dropout': k_dropout},
     )
     kl = prior_kl(q, p, latents.pres)
-  terms = Stage2Terms(recon, sup, kl, p, latents, canvases[:, -1])
+  terms = Stage2Terms(recon, sup, kl, p, latents, final_canvas)
   return terms, dec_stats
 
 
