@@ -87,6 +87,8 @@ PRIOR_BASELINES = (
   'attention: heads not folded',
   "dropout: flax's nn.Dropout (threefry loop)",
 )
+# Only stage 2 with beta = 0 renders the final canvas alone.
+FINAL_CANVAS = 'beta = 0: every canvas rendered, the last one used'
 # Layers only the decoder that upsamples the canvas 2x (CelebA) has.
 UPSAMPLING_BASELINES = (
   'transposed conv, kernel = stride: one matmul per phase',
@@ -317,6 +319,8 @@ def variants_lines(settings: Settings) -> list[str]:
     config = get_config()
     if config.vae.beta == 0:
       labels = [label for label in labels if label not in PRIOR_BASELINES]
+    else:
+      labels = [label for label in labels if label != FINAL_CANVAS]
     if config.data.image_size == config.data.canvas_size:
       labels = [label for label in labels if label not in UPSAMPLING_BASELINES]
     straight = f'{name}, where straight-through'
@@ -343,13 +347,15 @@ def variants_lines(settings: Settings) -> list[str]:
     'matmuls over batch chunks), `layers.pointwise_conv` (1x1 convolutions as matmuls), '
     'attention on the per-head products Wq Wk^T and Wv Wo (`prior.folds_heads`), '
     "`prior.exact_gelu` (erf) and `dropout.Dropout` (flax's masks as one fused hash); "
+    '`canvas.render_relaxed` when beta = 0 (the final canvas alone); '
     "with vae.where_gradient = 'straight_through' (not the reference), "
     '`canvas.place_straight_through` (pad-and-slice '
     "forward, the einsum's gradient). Each other row swaps one of them for its alternative: "
     "`lax.conv_transpose` (what flax's nn.ConvTranspose runs), XLA's own convolutions "
     '(all of them, or the 1x1 ones only), the four head projections as written, '
     "`nn.gelu(approximate=False)` (erfc), flax's nn.Dropout, the dense `canvas.place` "
-    'einsum, a convolution per phase, or the two 1x1 convolutions in turn. Same values '
+    'einsum, a convolution per phase, the two 1x1 convolutions in turn, or (beta = 0) '
+    'every canvas of the drawing rendered where only the last is used. Same values '
     'and gradients to float tolerance (tests/canvas_test.py, tests/layers_test.py, '
     'tests/prior_test.py; the dropout masks bit-equal, tests/dropout_test.py); the steps '
     'are timed in turn in one process.',

@@ -73,6 +73,9 @@ BASELINES = {
   'two 1x1 convolutions in turn (not folded)': lambda: mock.patch.object(
     layers, 'pointwise_pair', pointwise_in_turn
   ),
+  'beta = 0: every canvas rendered, the last one used': lambda: mock.patch.object(
+    canvas, 'render_relaxed', lambda *args: canvas.render_relaxed_steps(*args)[0][:, -1]
+  ),
   '1x1 convolutions: lax convolutions': lambda: mock.patch.object(
     layers, 'pointwise_conv', lambda x, k: layers.stride1_conv(x, k, ((0, 0), (0, 0)))
   ),
