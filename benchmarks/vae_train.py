@@ -290,10 +290,12 @@ def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callabl
       batch['pres'], batch['where'], batch['what'], model.grid.num_locations, bank.shape[0]
     )
     latents = npdraw.teacher_force(k_forcing, rho, sampled, parse, weights.teacher_forcing_pres)
+    args = (model.grid, bank, latents.pres, latents.where, latents.what)
     straight_through = weights.where_gradient == 'straight_through'
-    return canvas.render_relaxed_steps(
-      model.grid, bank, latents.pres, latents.where, latents.what, straight_through
-    ), latents.pres
+    if weights.beta == 0:  # As the step: the final canvas alone.
+      return (canvas.render_relaxed(*args, straight_through),), latents.pres
+    canvases, maps = canvas.render_relaxed_steps(*args, straight_through)
+    return (canvases[:, -1], canvases, maps), latents.pres
 
   def prior(history):
     return model.prior.apply(
@@ -319,18 +321,19 @@ def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callabl
     return jnp.mean(loss)
 
   q = jax.jit(encoder)(params['encoder'], batch['image'])
-  (canvases, maps), pres = jax.jit(render)(q)
-  out = jax.jit(decoder)(params['decoder'], canvases[:, -1])
+  rendered, pres = jax.jit(render)(q)
+  final_canvas = rendered[0]
+  out = jax.jit(decoder)(params['decoder'], final_canvas)
   calls = {
     'encoder': (_pairing_gradient(encoder, 0), (params['encoder'], batch['image'], cotangent(q))),
     'latents + rendering': (
       _pairing_gradient(lambda q: render(q)[0], 0),
-      (q, cotangent((canvases, maps))),
+      (q, cotangent(rendered)),
     ),
   }
   p = None
   if weights.beta != 0:
-    history = canvas.states_before(canvases, maps)
+    history = canvas.states_before(*rendered[1:])
     p = jax.jit(prior)(history)
     if weights.kl_through_history:
       calls['prior, forward + input gradient'] = (
@@ -341,7 +344,7 @@ def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callabl
       calls['prior, forward'] = (prior, (history,))
   calls['decoder'] = (
     _pairing_gradient(decoder, (0, 1)),
-    (params['decoder'], canvases[:, -1], cotangent(out)),
+    (params['decoder'], final_canvas, cotangent(out)),
   )
   calls['likelihood, KL, supervision'] = (jax.grad(heads, (0, 1, 2)), (out, q, p, pres))
   tx = train_vae.make_optimizer(config)
