@@ -169,7 +169,7 @@ def make_eval_step(
     raise errors.ConfigError(
       f'eval.authors_samples must be 0 (off) or positive, got {authors_samples}.'
     )
-  num_samples = max(*sample_counts, authors_samples)
+  num_samples = npdraw.samples_drawn(sample_counts, authors_samples)
   field = 'eval.authors_samples' if authors_samples > max(sample_counts) else 'eval.iwae_samples'
   chunk = sample_chunk(num_samples, chunk_size, field)
 

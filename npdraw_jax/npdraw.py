@@ -478,6 +478,11 @@ def log_importance_weights(
   return weights
 
 
+def samples_drawn(sample_counts: tuple[int, ...], authors_samples: int = 0) -> int:
+  """How many samples iwae_bounds draws: the bounds and the authors' estimate share them."""
+  return max(*sample_counts, authors_samples)
+
+
 def iwae_bounds(
   model: NPDraw,
   variables: dict,
@@ -494,8 +499,8 @@ def iwae_bounds(
   authors' NLL estimate (spec section 11): -logmeanexp of their weights
   (log_importance_weights) over the first S_a of the same samples. It is NOT a
   bound on -log p(x) (the KL is not log q(z_s) - log p(z_s) of the sample):
-  report it only to compare with the authors' tables. max(sample_counts,
-  S_a) samples are drawn, chunk_size per pass, which divides that number.
+  report it only to compare with the authors' tables. samples_drawn(...)
+  samples are drawn, chunk_size per pass, which divides that number.
   """
   q, _ = encode(model, variables, images, train=False)
   log_w = losses.draw_log_weights(
@@ -503,7 +508,7 @@ def iwae_bounds(
       model, variables, bank, q, images, k, n, authors=bool(authors_samples)
     ),
     key,
-    max(*sample_counts, authors_samples),
+    samples_drawn(sample_counts, authors_samples),
     chunk_size,
   )
   out = losses.bounds_from_log_weights(log_w['iwae'], sample_counts)
