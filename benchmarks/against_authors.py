@@ -108,16 +108,20 @@ def main(argv):
     raise app.UsageError('--authors_python and --authors_repo are both needed.')
   medians = {dataset: {'authors': [], 'ours': []} for dataset, _ in ROWS}
   torch_version = None
-  for round_index in range(_ROUNDS.value):
-    for dataset, batch in ROWS:
-      commands = _commands(dataset, batch)
-      order = ('authors', 'ours') if round_index % 2 == 0 else ('ours', 'authors')
-      for side in order:
-        timed = _run_json(commands[side])
-        torch_version = timed.get('torch', torch_version)
-        seconds = timed['median_s']
-        medians[dataset][side].append(seconds)
-        print(f'round {round_index + 1}, {dataset} batch {batch}, {side}: {seconds:.3f} s')
+  try:
+    for round_index in range(_ROUNDS.value):
+      for dataset, batch in ROWS:
+        commands = _commands(dataset, batch)
+        order = ('authors', 'ours') if round_index % 2 == 0 else ('ours', 'authors')
+        for side in order:
+          timed = _run_json(commands[side])
+          torch_version = timed.get('torch', torch_version)
+          seconds = timed['median_s']
+          medians[dataset][side].append(seconds)
+          print(f'round {round_index + 1}, {dataset} batch {batch}, {side}: {seconds:.3f} s')
+  except KeyboardInterrupt:
+    # The table pairs the sides round by round: nothing is appended, the medians so far are shown.
+    sys.exit(f'Interrupted: nothing appended to {_RESULTS.value}; medians so far {medians}.')
   title = "Stage-2 step against the authors' PyTorch step, in one run"
   print(results.append_section(title, _table(medians, torch_version), _RESULTS.value))
 
