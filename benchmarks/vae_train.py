@@ -25,7 +25,7 @@ import optax
 from absl import logging
 
 from benchmarks import timing
-from npdraw_jax import canvas, distributions, npdraw, sharding, train_lib, train_vae
+from npdraw_jax import canvas, npdraw, sharding, train_lib, train_vae
 from npdraw_jax.models import dropout, layers, prior
 
 
@@ -271,7 +271,7 @@ def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callabl
   p, c = config.model.patch_size, config.data.channels
   bank = jnp.asarray(np.random.default_rng(1).random((config.model.K, p, p, c), np.float32))
   batch = jax.tree.map(jnp.asarray, random_batch(config, model.grid.num_locations, batch_size))
-  k_latents, k_forcing, k_dropout = jax.random.split(jax.random.key(2), 3)
+  k_noise, k_dropout = jax.random.split(jax.random.key(2))
   tau, rho = 1.0, 0.5
   cotangent = lambda tree: jax.tree.map(
     lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), tree
@@ -283,18 +283,24 @@ def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callabl
     )[0]
 
   def render(q):
+    noise = npdraw.draw_stage2_noise(k_noise, q)
     sampled = npdraw.relaxed_latents(
-      k_latents, q, tau, weights.what_straight_through, weights.pres_relaxed
+      noise, q, tau, weights.what_straight_through, weights.pres_relaxed
     )
-    parse = npdraw.one_hot_latents(
-      batch['pres'], batch['where'], batch['what'], model.grid.num_locations, bank.shape[0]
+    parse = npdraw.forcing_latents(
+      batch['pres'],
+      batch['where'],
+      batch['what'],
+      model.grid.num_locations,
+      bank.shape[0],
+      weights.forcing_undrawn,
     )
-    latents = npdraw.teacher_force(k_forcing, rho, sampled, parse, weights.teacher_forcing_pres)
+    latents = npdraw.teacher_force(noise.forcing, rho, sampled, parse, weights.teacher_forcing_pres)
     args = (model.grid, bank, latents.pres, latents.where, latents.what)
     straight_through = weights.where_gradient == 'straight_through'
     if weights.beta == 0:  # As the step: the final canvas alone.
       return (canvas.render_relaxed(*args, straight_through),), latents.pres
-    canvases, maps = canvas.render_relaxed_steps(*args, straight_through)
+    canvases, maps = canvas.render_relaxed_steps(*args, straight_through, model.prior.history)
     return (canvases[:, -1], canvases, maps), latents.pres
 
   def prior(history):
@@ -312,7 +318,7 @@ def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callabl
     )[0]
 
   def heads(out, q, p, pres):
-    recon = distributions.nll(model.likelihood, out, batch['image'], model.num_mixtures)
+    recon = npdraw.reconstruction_loss(model, out, batch['image'])
     loss = recon + weights.lambda_sup * npdraw.parse_supervision(
       q, batch['pres'], batch['where'], batch['what']
     )

@@ -62,6 +62,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Output likelihood: 'bernoulli' | 'logistic' | 'mixture_logistic'.
   config.model.likelihood = 'bernoulli'
   config.model.num_mixtures = 10  # Components of 'mixture_logistic'.
+  # How the decoder's logistic outputs are read and scored (docs: README,
+  # "Conventions"). 'authors' (reference): means and log-scales on the [0, 1]
+  # scale, trained on the authors' bins (half-width 0.5/256 around k/255, not
+  # tiling the line); the eval stage reports the proper, tiling bound as well.
+  # 'tiling': outputs on the [-1, 1] scale, trained on bins that tile the line.
+  config.model.likelihood_convention = 'authors'
+  # The location map in the prior's drawing history. 'every_step' (reference):
+  # every step's box enters, drawn or not; 'drawn': only drawn steps' boxes.
+  config.model.prior_history = 'every_step'
   # Encoder, decoder and prior family: 'authors' (the reference networks of
   # spec section 11) | 'ours' (this project's earlier, wider nets).
   config.model.networks = 'authors'
@@ -71,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Activations and matmuls of the encoder, decoder and prior: 'float32' or
   # 'bfloat16' (for GPUs/TPUs); parameters, latents and losses stay float32.
   config.model.compute_dtype = 'float32'
+  # BatchNorm's running variance under the authors' networks: 'unbiased'
+  # (reference: PyTorch's n / (n - 1) batch variance) | 'biased' (flax's).
+  config.model.batch_norm_variance = 'unbiased'
 
   # --- Heuristic parser (spec section 3) ---------------------------------------
   config.parse = ml_collections.ConfigDict()
@@ -119,6 +131,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.vae.teacher_forcing = 'cumulative'
   config.vae.teacher_forcing_decay = 0.005  # Reference MNIST 0.005, colour 0.01.
   config.vae.teacher_forcing_pres = False  # Also force pres (reference: keep q's).
+  # What teacher forcing pastes at a step the parse leaves undrawn (while q's
+  # pres draws it): 'nothing' (reference: the authors' parse has no part there)
+  # | 'parse_part' (the parse's part at the parse's location).
+  config.vae.forcing_undrawn = 'nothing'
   # The KL's gradient reaches q's samples through the history the frozen prior
   # reads (reference True; False is cheaper).
   config.vae.kl_through_history = True

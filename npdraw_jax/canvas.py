@@ -17,6 +17,15 @@ Three ways to put a part on the canvas:
   step"), it builds no [..., G, Hc, p, C] intermediates, and it stays exact
   where float32 matmuls round (TPUs). The reference setting ('none') pastes
   at the argmax instead, so `where` gets no gradient (render_relaxed_steps).
+
+The prior reads, before each step, the canvas and a location map: the union
+of the boxes of earlier steps. Which steps' boxes it holds is the prior's
+`history` (PRIOR_HISTORIES): 'every_step', the authors' (their renderer
+multiplies the parts by pres but not the boxes, so a step's box enters drawn
+or not), or 'drawn' (only drawn steps' boxes). The authors' sampler keeps no
+location for a step it leaves undrawn, and their renderer turns that empty
+location into a small mark in the corner (`empty_location_mark`), which is
+what a sampled undrawn step adds under 'every_step' (`sampled_boxes`).
 """
 
 import dataclasses
@@ -28,6 +37,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from npdraw_jax import errors
+
+PRIOR_HISTORIES = ('every_step', 'drawn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +245,27 @@ def last_of_cummax(x: jax.Array, axis: int) -> jax.Array:
   return last
 
 
+def check_history(history: str) -> str:
+  """`history` if it names one of PRIOR_HISTORIES, else a ConfigError naming the config key."""
+  if history not in PRIOR_HISTORIES:
+    raise errors.ConfigError(
+      f'model.prior_history must be one of {PRIOR_HISTORIES}, not {history!r}.'
+    )
+  return history
+
+
+def _boxes_pres(pres: jax.Array, history: str) -> jax.Array:
+  """The pres the location map accumulates with: every step's box (1) or the drawn ones'."""
+  return jnp.ones_like(pres) if check_history(history) == 'every_step' else pres
+
+
 def render_steps(
-  grid: Grid, bank: jax.Array, pres: jax.Array, where: jax.Array, what: jax.Array
+  grid: Grid,
+  bank: jax.Array,
+  pres: jax.Array,
+  where: jax.Array,
+  what: jax.Array,
+  history: str = 'drawn',
 ) -> tuple[jax.Array, jax.Array]:
   """Hard rendering: canvas and location map after every step.
 
@@ -243,6 +275,7 @@ def render_steps(
     pres: [..., T] bool.
     where: [..., T] int locations.
     what: [..., T] int part indices.
+    history: which steps' boxes the location maps hold (PRIOR_HISTORIES).
 
   Returns:
     canvases [..., T, Hc, Wc, C] and location maps [..., T, Hc, Wc, 1].
@@ -250,7 +283,33 @@ def render_steps(
   chex.assert_equal_shape([pres, where, what])
   parts = jnp.take(bank, what, axis=0)
   canvases = accumulate(paste(grid, parts, where), pres)
-  return canvases, accumulate(boxes(grid, where, bank.dtype), pres)
+  return canvases, accumulate(boxes(grid, where, bank.dtype), _boxes_pres(pres, history))
+
+
+def empty_location_mark(grid: Grid) -> np.ndarray:
+  """The location map the authors' renderer draws for an all-zero location one-hot, [Hc, Wc, 1].
+
+  Their renderer puts row i of a part centred at c on canvas row
+  round(c + i + 1 - p / 2) - 1 (rounding half to even) and adds the rows that
+  land on one canvas row; an all-zero one-hot gives c = 0 on both axes. For
+  p = 5 that is 4 at pixel (1, 1); for p = 4, ones on the 2 x 2 corner.
+  """
+  rows = np.round(np.arange(grid.patch_size) + 1 - grid.patch_size / 2).astype(int) - 1
+  counts = np.bincount(rows[rows >= 0], minlength=grid.canvas_size)[: grid.canvas_size]
+  return np.outer(counts, counts).astype(np.float32)[..., None]
+
+
+def sampled_boxes(grid: Grid, pres: jax.Array, where: jax.Array, history: str, dtype) -> jax.Array:
+  """What each sampled step adds to the location map, [..., Hc, Wc, 1].
+
+  A drawn step adds its box; an undrawn one adds nothing ('drawn') or, as in
+  the authors' sampler, the empty location's mark ('every_step').
+  """
+  box = boxes(grid, where, dtype)
+  undrawn = jnp.asarray(empty_location_mark(grid), dtype)
+  if check_history(history) == 'drawn':
+    undrawn = jnp.zeros_like(undrawn)
+  return jnp.where(pres[..., None, None, None], box, undrawn)
 
 
 def render(
@@ -288,6 +347,7 @@ def render_relaxed_steps(
   where_weights: jax.Array,
   what_weights: jax.Array,
   where_gradient: bool = True,
+  history: str = 'drawn',
 ) -> tuple[jax.Array, jax.Array]:
   """Relaxed rendering: soft `what`, straight-through `where`, `pres` in [0, 1].
 
@@ -304,13 +364,14 @@ def render_relaxed_steps(
     where_gradient: False: the parts are pasted at argmax(where_weights) and
       `where` gets exactly zero gradient, as from the authors' renderer (a
       filterbank at rounded centres); cheaper than `place`'s backward.
+    history: which steps' boxes the location maps hold (PRIOR_HISTORIES).
 
   Returns:
     canvases [..., T, Hc, Wc, C] and location maps [..., T, Hc, Wc, 1].
   """
   put, parts = _relaxed_parts(grid, bank, pres, where_weights, what_weights, where_gradient)
   ones = jnp.ones((*pres.shape, grid.patch_size, grid.patch_size, 1), bank.dtype)
-  return accumulate(put(parts), pres), accumulate(put(ones), pres)
+  return accumulate(put(parts), pres), accumulate(put(ones), _boxes_pres(pres, history))
 
 
 def render_relaxed(

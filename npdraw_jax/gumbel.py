@@ -8,6 +8,10 @@
 - `relaxed_bernoulli`: the binary Concrete sigmoid((logit + L) / tau), L
   standard logistic noise (the difference of two Gumbels); it exceeds 1/2
   exactly when the hard draw with the same key is 1, at any tau.
+
+Each has a `*_with_noise` twin that takes the noise instead of the key, so
+that the same noise can be given to another implementation (the equivalence
+harness against the authors' code); the key versions draw it and call them.
 """
 
 import chex
@@ -37,19 +41,32 @@ def gumbel_softmax(
   Returns:
     [..., K] float32.
   """
+  noise = jax.random.gumbel(key, jnp.shape(logits), jnp.float32)
+  return gumbel_softmax_with_noise(logits, noise, tau, straight_through)
+
+
+def gumbel_softmax_with_noise(
+  logits: jax.Array, noise: jax.Array, tau, straight_through: bool = False
+) -> jax.Array:
+  """gumbel_softmax given its standard Gumbel noise [..., K] instead of a key."""
   chex.assert_axis_dimension_gteq(logits, -1, 1)
+  chex.assert_equal_shape([logits, noise])
   logits = jnp.asarray(logits, jnp.float32)
-  noise = jax.random.gumbel(key, logits.shape, jnp.float32)
   soft = jax.nn.softmax((logits + noise) / tau, axis=-1)
   return straight_through_one_hot(soft) if straight_through else soft
 
 
 def bernoulli(key: jax.Array, logit: jax.Array) -> jax.Array:
   """A hard draw in {0., 1.} with P(1) = sigmoid(logit), no gradient; same shape as logit."""
+  return bernoulli_with_noise(logit, jax.random.logistic(key, jnp.shape(logit), jnp.float32))
+
+
+def bernoulli_with_noise(logit: jax.Array, noise: jax.Array) -> jax.Array:
+  """bernoulli given its standard logistic noise instead of a key."""
+  chex.assert_equal_shape([logit, noise])
   logit = jnp.asarray(logit, jnp.float32)
   # logit + L > 0 has probability sigmoid(logit) without forming sigmoid, so it
   # stays exact for large |logit|, and it matches relaxed_bernoulli(key, ...) > 1/2.
-  noise = jax.random.logistic(key, logit.shape, jnp.float32)
   return jax.lax.stop_gradient((logit + noise > 0).astype(jnp.float32))
 
 
@@ -69,8 +86,16 @@ def relaxed_bernoulli(
     [...] float32; in float32 a sample saturates to exactly 0 or 1 once
     |logit + L| / tau exceeds about 17 (upper) or 88 (lower).
   """
+  noise = jax.random.logistic(key, jnp.shape(logit), jnp.float32)
+  return relaxed_bernoulli_with_noise(logit, noise, tau, straight_through)
+
+
+def relaxed_bernoulli_with_noise(
+  logit: jax.Array, noise: jax.Array, tau, straight_through: bool = False
+) -> jax.Array:
+  """relaxed_bernoulli given its standard logistic noise instead of a key."""
+  chex.assert_equal_shape([logit, noise])
   logit = jnp.asarray(logit, jnp.float32)
-  noise = jax.random.logistic(key, logit.shape, jnp.float32)
   soft = jax.nn.sigmoid((logit + noise) / tau)
   if not straight_through:
     return soft

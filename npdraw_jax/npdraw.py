@@ -23,13 +23,20 @@ from npdraw_jax.models import prior as prior_lib
 
 @dataclasses.dataclass(frozen=True)
 class NPDraw:
-  """The modules and static settings of one model."""
+  """The modules and static settings of one model.
+
+  likelihood_convention (distributions.LIKELIHOOD_CONVENTIONS): 'authors'
+  reads the decoder's outputs on the authors' [0, 1] scale and trains on their
+  likelihood; `decode` returns the parameters on ours either way, so that the
+  bound, pictures and samples need not know.
+  """
 
   encoder: encoder_lib.Encoder
   decoder: decoder_lib.Decoder
   prior: prior_lib.Prior
   grid: canvas_lib.Grid
   likelihood: str
+  likelihood_convention: str
   num_mixtures: int
   image_size: int
   channels: int
@@ -46,15 +53,14 @@ def make_networks(
   if data.image_size % data.canvas_size:
     raise ValueError('data.image_size must be 1 or 2 times data.canvas_size.')
   authors = layers.check_networks(m.networks) == 'authors'
-  encoder_cls = encoder_lib.AuthorsEncoder if authors else encoder_lib.Encoder
-  encoder = encoder_cls(
-    num_steps=m.T,
-    num_locations=num_locations,
-    num_parts=m.K,
-    features=m.encoder_features,
-    head=m.encoder_head,
-    dtype=dtype,
-  )
+  encoder_args = {
+    'num_steps': m.T,
+    'num_locations': num_locations,
+    'num_parts': m.K,
+    'features': m.encoder_features,
+    'head': m.encoder_head,
+    'dtype': dtype,
+  }
   decoder_args = {
     'features': m.decoder_features,
     'out_channels': distributions.num_outputs(m.likelihood, data.channels, m.num_mixtures),
@@ -62,10 +68,16 @@ def make_networks(
     'dtype': dtype,
   }
   if not authors:
-    return encoder, decoder_lib.Decoder(**decoder_args)
+    return encoder_lib.Encoder(**encoder_args), decoder_lib.Decoder(**decoder_args)
+  variance = layers.check_batch_norm_variance(m.batch_norm_variance)
   # Their mixture-of-logistics output conv has no bias; their other heads do.
   output_bias = m.likelihood != 'mixture_logistic'
-  return encoder, decoder_lib.AuthorsDecoder(**decoder_args, output_bias=output_bias)
+  return (
+    encoder_lib.AuthorsEncoder(**encoder_args, batch_norm_variance=variance),
+    decoder_lib.AuthorsDecoder(
+      **decoder_args, output_bias=output_bias, batch_norm_variance=variance
+    ),
+  )
 
 
 def make_model(config: ml_collections.ConfigDict) -> NPDraw:
@@ -79,6 +91,7 @@ def make_model(config: ml_collections.ConfigDict) -> NPDraw:
     prior=prior_lib.make_prior(config, grid.num_locations),
     grid=grid,
     likelihood=m.likelihood,
+    likelihood_convention=distributions.check_likelihood_convention(m.likelihood_convention),
     num_mixtures=m.num_mixtures,
     image_size=data.image_size,
     channels=data.channels,
@@ -163,24 +176,75 @@ def encode(model: NPDraw, variables: dict, images: jax.Array, train: bool):
 
 
 def decode(model: NPDraw, variables: dict, canvas: jax.Array, train: bool):
-  """Likelihood parameters for canvases [B, Hc, Wc, C], and the decoder's batch statistics."""
-  return _apply_net(model.decoder, 'decoder', variables, canvas, train)
+  """Likelihood parameters for canvases [B, Hc, Wc, C], and the decoder's batch statistics.
+
+  The parameters are on our [-1, 1] scale (distributions' module docstring)
+  whatever the model's likelihood_convention.
+  """
+  out, stats = _apply_net(model.decoder, 'decoder', variables, canvas, train)
+  if model.likelihood_convention == 'authors':
+    out = distributions.from_unit_scale(model.likelihood, out, model.channels, model.num_mixtures)
+  return out, stats
+
+
+def reconstruction_loss(model: NPDraw, params: jax.Array, images: jax.Array) -> jax.Array:
+  """-log p(x | canvas) [B] that stage 2 trains on: the authors' likelihood or the tiling one.
+
+  Args:
+    model: the modules and settings.
+    params: [B, H, W, P] parameters from `decode`.
+    images: [B, H, W, C] in [0, 1].
+  """
+  if model.likelihood_convention == 'authors':
+    return distributions.authors_nll(model.likelihood, params, images, model.num_mixtures)
+  return distributions.nll(model.likelihood, params, images, model.num_mixtures)
+
+
+class Stage2Noise(NamedTuple):
+  """The randomness of one stage-2 step, drawn before it is used, so that the
+  same noise can be given to another implementation (the equivalence harness).
+
+  Attributes:
+    pres: [B, T] standard logistic noise; pres is drawn where logit + noise > 0.
+    where: [B, T, L] standard Gumbel noise.
+    what: [B, T, K] standard Gumbel noise.
+    forcing: [B] uniform in [0, 1); an example is teacher-forced where forcing < rho.
+    dropout: PRNG key of the prior's dropout.
+  """
+
+  pres: jax.Array
+  where: jax.Array
+  what: jax.Array
+  forcing: jax.Array
+  dropout: jax.Array
+
+
+def draw_stage2_noise(key: jax.Array, q: dict) -> Stage2Noise:
+  """The noise of a stage-2 step for q's logits (shapes from q)."""
+  k_latents, k_forcing, k_dropout = jax.random.split(key, 3)
+  k_what, k_where, k_pres = jax.random.split(k_latents, 3)
+  return Stage2Noise(
+    pres=jax.random.logistic(k_pres, q['pres'].shape, jnp.float32),
+    where=jax.random.gumbel(k_where, q['where'].shape, jnp.float32),
+    what=jax.random.gumbel(k_what, q['what'].shape, jnp.float32),
+    forcing=jax.random.uniform(k_forcing, q['pres'].shape[:1], jnp.float32),
+    dropout=k_dropout,
+  )
 
 
 def relaxed_latents(
-  key: jax.Array, q: dict, tau, what_straight_through: bool, pres_relaxed: bool
+  noise: Stage2Noise, q: dict, tau, what_straight_through: bool, pres_relaxed: bool
 ) -> Latents:
   """Training samples: Gumbel-softmax what, straight-through where, hard (or relaxed) pres."""
-  k_what, k_where, k_pres = jax.random.split(key, 3)
   pres = (
-    gumbel.relaxed_bernoulli(k_pres, q['pres'], tau)
+    gumbel.relaxed_bernoulli_with_noise(q['pres'], noise.pres, tau)
     if pres_relaxed
-    else gumbel.bernoulli(k_pres, q['pres'])
+    else gumbel.bernoulli_with_noise(q['pres'], noise.pres)
   )
   return Latents(
     pres=pres,
-    where=gumbel.gumbel_softmax(k_where, q['where'], tau, straight_through=True),
-    what=gumbel.gumbel_softmax(k_what, q['what'], tau, straight_through=what_straight_through),
+    where=gumbel.gumbel_softmax_with_noise(q['where'], noise.where, tau, straight_through=True),
+    what=gumbel.gumbel_softmax_with_noise(q['what'], noise.what, tau, what_straight_through),
   )
 
 
@@ -190,6 +254,27 @@ def one_hot_latents(pres, where, what, num_locations: int, num_parts: int) -> La
     pres=pres.astype(jnp.float32),
     where=jax.nn.one_hot(where, num_locations),
     what=jax.nn.one_hot(what, num_parts),
+  )
+
+
+FORCING_UNDRAWN = ('nothing', 'parse_part')
+
+
+def forcing_latents(pres, where, what, num_locations: int, num_parts: int, undrawn: str) -> Latents:
+  """A parse [B, T] as the latents teacher forcing puts in place of q's samples.
+
+  undrawn (FORCING_UNDRAWN) says what a step the parse leaves undrawn holds,
+  which matters where q's pres draws it: 'nothing' (the authors') is no part
+  (an all-zero `what`) at location 0, so nothing is pasted; 'parse_part' is
+  the parse's part at the parse's location.
+  """
+  if undrawn == 'parse_part':
+    return one_hot_latents(pres, where, what, num_locations, num_parts)
+  drawn = pres.astype(jnp.float32)
+  return Latents(
+    pres=drawn,
+    where=jax.nn.one_hot(jnp.where(pres, where, 0), num_locations),
+    what=jax.nn.one_hot(what, num_parts) * drawn[..., None],
   )
 
 
@@ -234,6 +319,8 @@ class LossWeights:
     prior_dropout: the frozen prior runs in training mode (dropout on).
     where_gradient: 'none' (the rendered canvas gives `where` no gradient) or
       'straight_through'.
+    forcing_undrawn: what teacher forcing pastes at a step the parse leaves
+      undrawn (FORCING_UNDRAWN).
   """
 
   beta: float
@@ -245,11 +332,16 @@ class LossWeights:
   kl_through_history: bool
   prior_dropout: bool
   where_gradient: str
+  forcing_undrawn: str
 
   def __post_init__(self):
     if self.where_gradient not in WHERE_GRADIENTS:
       raise errors.ConfigError(
         f'vae.where_gradient must be one of {WHERE_GRADIENTS}, not {self.where_gradient!r}.'
+      )
+    if self.forcing_undrawn not in FORCING_UNDRAWN:
+      raise errors.ConfigError(
+        f'vae.forcing_undrawn must be one of {FORCING_UNDRAWN}, not {self.forcing_undrawn!r}.'
       )
 
   @classmethod
@@ -259,13 +351,15 @@ class LossWeights:
 
 
 def teacher_force(
-  key: jax.Array, rho, sampled: Latents, parse: Latents, force_pres: bool
+  forcing: jax.Array, rho, sampled: Latents, parse: Latents, force_pres: bool
 ) -> Latents:
   """Per example, with probability rho, the parse's where and what replace the samples.
 
-  q's `pres` is kept (reference) unless force_pres.
+  An example is forced where its uniform draw forcing [B] < rho. q's `pres`
+  is kept (reference) unless force_pres.
   """
-  forced = jax.random.bernoulli(key, rho, sampled.pres.shape[:1])
+  chex.assert_shape(forcing, sampled.pres.shape[:1])
+  forced = forcing < rho
 
   def choose(own, parsed):
     return jnp.where(forced.reshape(-1, *(1,) * (own.ndim - 1)), parsed, own)
@@ -294,34 +388,40 @@ def stage2_terms(
   bank: jax.Array,
   batch: dict,
   q: dict,
-  key: jax.Array,
+  noise: Stage2Noise,
   tau,
   rho,
   weights: LossWeights,
 ) -> tuple[Stage2Terms, dict]:
-  """The terms of the stage-2 loss for q's logits (see stage2_loss).
+  """The terms of the stage-2 loss for q's logits and the step's noise (see stage2_loss).
 
   Returns:
     (terms, the decoder's new batch statistics).
   """
   images = batch['image']
   chex.assert_equal_shape([q['pres'], batch['pres'], batch['where'], batch['what']])
-  k_latents, k_forcing, k_dropout = jax.random.split(key, 3)
-  sampled = relaxed_latents(k_latents, q, tau, weights.what_straight_through, weights.pres_relaxed)
-  parse = one_hot_latents(
-    batch['pres'], batch['where'], batch['what'], model.grid.num_locations, bank.shape[0]
+  sampled = relaxed_latents(noise, q, tau, weights.what_straight_through, weights.pres_relaxed)
+  parse = forcing_latents(
+    batch['pres'],
+    batch['where'],
+    batch['what'],
+    model.grid.num_locations,
+    bank.shape[0],
+    weights.forcing_undrawn,
   )
-  latents = teacher_force(k_forcing, rho, sampled, parse, weights.teacher_forcing_pres)
+  latents = teacher_force(noise.forcing, rho, sampled, parse, weights.teacher_forcing_pres)
   render_args = (model.grid, bank, latents.pres, latents.where, latents.what)
   where_gradient = weights.where_gradient == 'straight_through'
   if weights.beta == 0:  # Nothing depends on the prior: no history, and the prior is not run.
     final_canvas, history = canvas_lib.render_relaxed(*render_args, where_gradient), None
   else:
     # One rendering serves the decoder (last canvas) and the prior (the history).
-    canvases, maps = canvas_lib.render_relaxed_steps(*render_args, where_gradient)
+    canvases, maps = canvas_lib.render_relaxed_steps(
+      *render_args, where_gradient, model.prior.history
+    )
     final_canvas, history = canvases[:, -1], canvas_lib.states_before(canvases, maps)
   out, dec_stats = decode(model, variables, final_canvas, train=True)
-  recon = distributions.nll(model.likelihood, out, images, model.num_mixtures)
+  recon = reconstruction_loss(model, out, images)
   sup = parse_supervision(q, batch['pres'], batch['where'], batch['what'])
   kl = p = None
   if history is not None:
@@ -335,7 +435,7 @@ def stage2_terms(
       *history,
       jnp.arange(q['pres'].shape[-1]),
       train=weights.prior_dropout,
-      rngs={'dropout': k_dropout},
+      rngs={'dropout': noise.dropout},
     )
     kl = prior_kl(q, p, latents.pres)
   terms = Stage2Terms(recon, sup, kl, p, latents, final_canvas)
@@ -369,7 +469,8 @@ def stage2_loss(
     when beta = 0.
   """
   q, enc_stats = encode(model, variables, batch['image'], train=True)
-  terms, dec_stats = stage2_terms(model, variables, bank, batch, q, key, tau, rho, weights)
+  noise = draw_stage2_noise(key, q)
+  terms, dec_stats = stage2_terms(model, variables, bank, batch, q, noise, tau, rho, weights)
   per_example = terms.recon + weights.lambda_sup * terms.sup
   if terms.kl is not None:
     per_example = per_example + weights.beta * terms.kl
@@ -421,15 +522,28 @@ class ScoredSamples(NamedTuple):
   prior_logits: dict  # The prior on each sample's history: leaves [S * B, T, ...].
   log_q: jax.Array  # [S, B] log q(z_s | x).
   log_pz: jax.Array  # [S, B] log p(z_s).
-  log_px: jax.Array  # [S, B] log p(x | z_s).
+  log_px: jax.Array  # [S, B] log p(x | z_s), the proper (tiling) likelihood.
+  # [S, B] the likelihood stage 2 trains on (reconstruction_loss), when asked for.
+  log_px_trained: jax.Array | None
 
 
 def score_hard_samples(
-  model: NPDraw, variables: dict, bank: jax.Array, q: dict, images: jax.Array, key, num_samples
+  model: NPDraw,
+  variables: dict,
+  bank: jax.Array,
+  q: dict,
+  images: jax.Array,
+  key,
+  num_samples,
+  trained_likelihood: bool = False,
 ) -> ScoredSamples:
-  """Draws S hard samples of q (logits of images [B, H, W, C]) and scores them."""
+  """Draws S hard samples of q (logits of images [B, H, W, C]) and scores them.
+
+  With trained_likelihood, also under the likelihood stage 2 trains on (the
+  same as the proper one unless the model follows the authors' convention).
+  """
   (pres, where, what), log_q = hard_sample(key, q, num_samples)
-  canvases, maps = canvas_lib.render_steps(model.grid, bank, pres, where, what)
+  canvases, maps = canvas_lib.render_steps(model.grid, bank, pres, where, what, model.prior.history)
   flat = lambda x: x.reshape(-1, *x.shape[2:])
   steps = model.prior.num_steps
   p = model.prior.apply(
@@ -441,12 +555,18 @@ def score_hard_samples(
   out, _ = decode(model, variables, flat(canvases[:, :, -1]), train=False)
   repeated = jnp.broadcast_to(images, (num_samples, *images.shape))
   log_px = -distributions.nll(model.likelihood, out, flat(repeated), model.num_mixtures)
+  log_px_trained = None
+  if trained_likelihood:
+    same = model.likelihood_convention != 'authors' or model.likelihood == 'bernoulli'
+    trained = log_px if same else -reconstruction_loss(model, out, flat(repeated))
+    log_px_trained = trained.reshape(num_samples, -1)
   return ScoredSamples(
     pres=flat(pres),
     prior_logits=p,
     log_q=log_q,
     log_pz=log_pz.reshape(num_samples, -1),
     log_px=log_px.reshape(num_samples, -1),
+    log_px_trained=log_px_trained,
   )
 
 
@@ -465,16 +585,17 @@ def log_importance_weights(
   'iwae': log p(x | z_s) + log p(z_s) - log q(z_s | x); with `authors` also
   'authors': log p(x | z_s) - KL(q || p_s), the stage-2 KL (prior_kl) with p_s
   the prior run on the history of z_s (the NP-DRAW authors' weights, spec
-  section 11).
+  section 11), with p(x | z_s) the likelihood stage 2 trains on (theirs under
+  the authors' convention).
   """
-  scored = score_hard_samples(model, variables, bank, q, images, key, num_samples)
+  scored = score_hard_samples(model, variables, bank, q, images, key, num_samples, authors)
   weights = {'iwae': scored.log_px + scored.log_pz - scored.log_q}
   if authors:
     q_per_sample = jax.tree.map(
       lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)).reshape(-1, *x.shape[1:]), q
     )
     kl = prior_kl(q_per_sample, scored.prior_logits, scored.pres.astype(jnp.float32))
-    weights['authors'] = scored.log_px - kl.reshape(num_samples, -1)
+    weights['authors'] = scored.log_px_trained - kl.reshape(num_samples, -1)
   return weights
 
 

@@ -57,15 +57,21 @@ def sample_step(
   return pres, where.astype(jnp.int32), what.astype(jnp.int32)
 
 
-def _draw(grid, bank, canvas, location_map, pres, where, what):
-  """Pastes one part per sample onto running canvases [B, H, W, C]."""
+def _draw(grid, bank, canvas, location_map, pres, where, what, history):
+  """Pastes one part per sample onto running canvases [B, H, W, C], and what the
+  prior's history adds for the step onto the location maps (canvas.sampled_boxes)."""
   part = canvas_lib.paste(grid, jnp.take(bank, what, axis=0), where)
-  box = canvas_lib.boxes(grid, where, bank.dtype)
+  box = canvas_lib.sampled_boxes(grid, pres, where, history, bank.dtype)
   drawn = pres[:, None, None, None]
-  return (
-    jnp.where(drawn, jnp.maximum(canvas, part), canvas),
-    jnp.where(drawn, jnp.maximum(location_map, box), location_map),
-  )
+  return jnp.where(drawn, jnp.maximum(canvas, part), canvas), jnp.maximum(location_map, box)
+
+
+def _render_sampled(grid, bank, pres, where, what, history):
+  """Canvases and location maps after every step of sampled sequences [B, T], as
+  the cached sampler builds them step by step."""
+  canvases, _ = canvas_lib.render_steps(grid, bank, pres, where, what)
+  steps = canvas_lib.sampled_boxes(grid, pres, where, history, bank.dtype)
+  return canvases, jax.lax.cummax(steps, axis=1)
 
 
 def make_sampler(
@@ -94,7 +100,9 @@ def make_sampler(
       )
       logits = jax.tree.map(lambda x: x[:, 0], logits)
       pres, where, what = sample_step(jax.random.fold_in(key, t), logits, temperature, top_k)
-      canvas, location_map = _draw(grid, bank, canvas, location_map, pres, where, what)
+      canvas, location_map = _draw(
+        grid, bank, canvas, location_map, pres, where, what, model.history
+      )
       return (updated['cache'], canvas, location_map), (pres, where, what, canvas, logits)
 
     _, outputs = jax.lax.scan(step, (cache, canvas, location_map), jnp.arange(num_steps))
@@ -119,7 +127,7 @@ def make_naive_sampler(
     def step(t, sequence):
       pres, where, what = sequence
       # Steps >= t are undrawn, so the canvases before steps <= t are exact.
-      canvases, maps = canvas_lib.render_steps(grid, bank, pres, where, what)
+      canvases, maps = _render_sampled(grid, bank, pres, where, what, model.history)
       logits = model.apply(
         {'params': params}, *canvas_lib.states_before(canvases, maps), jnp.arange(num_steps)
       )
@@ -128,7 +136,7 @@ def make_naive_sampler(
       return tuple(s.at[:, t].set(d) for s, d in zip(sequence, drawn, strict=True))
 
     pres, where, what = jax.lax.fori_loop(0, num_steps, step, init)
-    canvases, maps = canvas_lib.render_steps(grid, bank, pres, where, what)
+    canvases, maps = _render_sampled(grid, bank, pres, where, what, model.history)
     logits = model.apply(
       {'params': params}, *canvas_lib.states_before(canvases, maps), jnp.arange(num_steps)
     )

@@ -64,6 +64,7 @@ def checkpoint_settings(config: ml_collections.ConfigDict, num_locations: int) -
       'canvas_size': config.data.canvas_size,
       'channels': config.data.channels,
       'networks': config.model.networks,
+      'prior_history': config.model.prior_history,  # The input it learned to read.
       **{
         k: p[k]
         for k in ('token_features', 'd_model', 'num_layers', 'num_heads', 'head_dim', 'mlp_dim')
@@ -117,7 +118,7 @@ def history_free_nll(
 def teacher_forced_logits(model, params, grid, bank, sequences, train=False, rngs=None):
   """The prior's logits on given step sequences [B, T] (canvases rendered here)."""
   canvases, maps = canvas_lib.render_steps(
-    grid, bank, sequences['pres'], sequences['where'], sequences['what']
+    grid, bank, sequences['pres'], sequences['where'], sequences['what'], model.history
   )
   before = canvas_lib.states_before(canvases, maps)
   steps = jnp.arange(model.num_steps)

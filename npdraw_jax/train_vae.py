@@ -79,6 +79,7 @@ def checkpoint_settings(config: ml_collections.ConfigDict) -> dict:
       for k in (
         'networks',
         'likelihood',
+        'likelihood_convention',
         'num_mixtures',
         'encoder_head',
         'encoder_features',
@@ -107,6 +108,7 @@ def training_settings(config: ml_collections.ConfigDict) -> dict:
     'vae.teacher_forcing',
     'vae.teacher_forcing_decay',
     'vae.holdout_iwae_samples',
+    'model.batch_norm_variance',
   ]
   return {
     **train_prior.training_settings(config),

@@ -56,6 +56,52 @@ class RenderTest(chex.TestCase, parameterized.TestCase):
         np.testing.assert_array_equal(maps[b, t], want_map)
       np.testing.assert_array_equal(final[b], canvases[b, -1])
 
+  @parameterized.parameters('every_step', 'drawn')
+  def test_history_maps_match_numpy(self, history):
+    bank, pres, where, what = random_drawing(5)
+    self.assertTrue(pres.any() and not pres.all())
+    every_box = history == 'every_step'
+    hard = jax.jit(lambda *a: canvas.render_steps(GRID, *a, history=history))
+    relaxed = jax.jit(lambda *a: canvas.render_relaxed_steps(GRID, *a, history=history))
+    _, hard_maps = hard(bank, pres, where, what)
+    _, soft_maps = relaxed(
+      bank,
+      pres.astype(np.float32),
+      jax.nn.one_hot(where, GRID.num_locations),
+      jax.nn.one_hot(what, K),
+    )
+    for b in range(3):
+      for t in range(T):
+        args = (bank, pres[b, : t + 1], where[b, : t + 1], what[b, : t + 1], 13, 3)
+        _, want = references.render(*args, every_box=every_box)
+        np.testing.assert_array_equal(hard_maps[b, t], want)
+        np.testing.assert_allclose(soft_maps[b, t], want, atol=1e-6)
+
+  def test_bad_history_names_the_config_key(self):
+    with self.assertRaisesRegex(ValueError, 'model.prior_history'):
+      canvas.render_steps(GRID, *random_drawing(0), history='all')
+
+  @parameterized.parameters(
+    (28, 5, [(1, 1, 4.0)]), (32, 4, [(0, 0, 1.0), (0, 1, 1.0), (1, 0, 1.0), (1, 1, 1.0)])
+  )
+  def test_empty_location_mark_by_hand(self, size, patch, pixels):
+    # Part row i lands on canvas row round(i + 1 - p/2) - 1, half to even:
+    # p = 5: rows -3, -1, -1, 1, 1 (two rows on row 1); p = 4: rows -2, -1, 0, 1.
+    mark = canvas.empty_location_mark(canvas.Grid(size, patch, patch))
+    want = np.zeros((size, size, 1), np.float32)
+    for r, c, v in pixels:
+      want[r, c] = v
+    np.testing.assert_array_equal(mark, want)
+
+  @parameterized.parameters('every_step', 'drawn')
+  def test_sampled_boxes(self, history):
+    _, pres, where, _ = random_drawing(6)
+    added = canvas.sampled_boxes(GRID, pres, where, history, jnp.float32)
+    mark = canvas.empty_location_mark(GRID) if history == 'every_step' else 0.0
+    for b, t in np.ndindex(pres.shape):
+      box = references.render(np.ones((1, 4, 4, 1)), [True], where[b, t : t + 1], [0], 13, 3)[1]
+      np.testing.assert_array_equal(added[b, t], box if pres[b, t] else mark + 0 * box)
+
   def test_vmap_equals_batched(self):
     bank, pres, where, what = random_drawing(1, batch=(4, 2))
     batched = canvas.render(GRID, bank, pres, where, what)

@@ -6,7 +6,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from scipy import special, stats
 
-from npdraw_jax import distributions
+from npdraw_jax import distributions, errors
 
 BINS = 256
 
@@ -15,6 +15,8 @@ BINS = 256
 nll = jax.jit(distributions.nll, static_argnums=(0, 3))
 mean_image = jax.jit(distributions.mean_image, static_argnums=(0, 2))
 sample_image = jax.jit(distributions.sample_image, static_argnums=(0, 3))
+authors_nll = jax.jit(distributions.authors_nll, static_argnums=(0, 3))
+from_unit_scale = jax.jit(distributions.from_unit_scale, static_argnums=(0, 2, 3))
 
 
 # --- Independent references (float64) ----------------------------------------------
@@ -110,6 +112,121 @@ def random_mixture_params(rng, shape, channels, num_mixtures, log_scale=(-4.0, -
       params[..., base + num_mixtures + m] = rng.uniform(*log_scale, size=shape)
       if channels == 3:
         params[..., base + 2 * num_mixtures + m] = rng.normal(size=shape)
+  return params
+
+
+# --- The authors' conventions, on the [0, 1] scale (float64) -----------------------
+
+
+def ref_unit_bin_probs(k, mean, log_scale):
+  """P(bin k) on [0, 1], bins tiling the line: k/255 +- 0.5/255, bin 0 down to -inf and
+  bin 255 up to +inf; scale exp(log_scale), no floor."""
+  k, mean, log_scale = np.broadcast_arrays(k, np.float64(mean), np.float64(log_scale))
+  scale = np.exp(log_scale)
+  centre = k / 255.0
+  upper = np.where(k == 255, np.inf, centre + 0.5 / 255.0)
+  lower = np.where(k == 0, -np.inf, centre - 0.5 / 255.0)
+  by_cdf = stats.logistic.cdf(upper, mean, scale) - stats.logistic.cdf(lower, mean, scale)
+  by_sf = stats.logistic.sf(lower, mean, scale) - stats.logistic.sf(upper, mean, scale)
+  return np.where(centre <= mean, by_cdf, by_sf)
+
+
+def ref_authors_logistic_log_probs(x, mean, log_scale):
+  """Their 'logistic' log-mass per sub-pixel on [0, 1] (Base.compute_recont_loss).
+
+  The bin of x is x +- 0.5/256 (these do not tile); x > 254/256 takes the upper
+  tail, x < 1/256 the lower; scale exp(min(s, 80)) floored at 1e-7; mass
+  floored at 1e-7.
+  """
+  x, mean, log_scale = (np.float64(a) for a in (x, mean, log_scale))
+  scale = np.maximum(np.exp(np.minimum(log_scale, 80.0)), 1e-7)
+  upper = np.where(x > 254 / 256, 1.0, special.expit((x + 0.5 / 256 - mean) / scale))
+  lower = np.where(x < 1 / 256, 0.0, special.expit((x - 0.5 / 256 - mean) / scale))
+  return np.log(np.maximum(upper - lower, 1e-7))
+
+
+def ref_authors_subpixel_log_prob(x, mean, log_scale):
+  """Their mixture's log-mass of one sub-pixel x on [0, 1] (dmol_loss), mean already coupled.
+
+  Log-scale floored at -7; x < 0.5/255 takes the lower tail, x > 1 - 0.5/255 the
+  upper; an interior bin of mass <= 1e-5 scores log density + log(1/255).
+  """
+  scale = np.exp(max(log_scale, -7.0))
+  half = 0.5 / 255.0
+  if x < half:
+    return stats.logistic.logcdf(x + half, mean, scale)
+  if x > 1.0 - half:
+    return stats.logistic.logsf(x - half, mean, scale)
+  mass = stats.logistic.cdf(x + half, mean, scale) - stats.logistic.cdf(x - half, mean, scale)
+  if mass > 1e-5:
+    return np.log(max(mass, 1e-12))
+  return stats.logistic.logpdf(x, mean, scale) + np.log(1.0 / 255.0)
+
+
+def unit_coupled_means(unit_params, x, m, channels, num_mixtures):
+  """Component m's per-channel means on [0, 1], coupled on [0, 1]-scale x [C]."""
+  field = lambda c, f: mixture_field(unit_params, m, c, f, channels, num_mixtures)
+  means = [field(c, 0) for c in range(channels)]
+  if channels == 3:
+    means[1] = means[1] + np.tanh(field(0, 2)) * x[0]
+    means[2] = means[2] + np.tanh(field(1, 2)) * x[0] + np.tanh(field(2, 2)) * x[1]
+  return means
+
+
+def ref_mixture_on_unit_scale(unit_params, x, num_mixtures, subpixel_log_prob):
+  """log p(pixel) of a mixture given on [0, 1]: unit_params [P] (our layout), x [C].
+
+  subpixel_log_prob(x, k, mean, log_scale) scores one coupled sub-pixel.
+  """
+  channels = x.shape[-1]
+  unit_params = unit_params.astype(np.float64)
+  log_weights = special.log_softmax(unit_params[:num_mixtures])
+  per_component = []
+  for m in range(num_mixtures):
+    means = unit_coupled_means(unit_params, x, m, channels, num_mixtures)
+    log_p = log_weights[m]
+    for c in range(channels):
+      log_scale = mixture_field(unit_params, m, c, 1, channels, num_mixtures)
+      log_p += subpixel_log_prob(x[c], means[c], log_scale)
+    per_component.append(log_p)
+  return special.logsumexp(per_component)
+
+
+def ref_authors_mixture_nll(unit_params, x, num_mixtures):
+  """Their mixture loss [B]: unit_params [B, H, W, P] (our layout, [0, 1] scale), x [B, H, W, C]."""
+  flat_params = unit_params.reshape(-1, unit_params.shape[-1])
+  flat_x = np.float64(x).reshape(-1, x.shape[-1])
+  log_p = [
+    ref_mixture_on_unit_scale(p, v, num_mixtures, ref_authors_subpixel_log_prob)
+    for p, v in zip(flat_params, flat_x, strict=True)
+  ]
+  return -np.sum(np.reshape(log_p, x.shape[:3]), axis=(1, 2))
+
+
+def ref_tiling_mixture_nll(unit_params, k, num_mixtures):
+  """The proper mixture nll [B] on [0, 1] of bins k [B, H, W, C]; log-scales floored at -7."""
+  flat_params = unit_params.reshape(-1, unit_params.shape[-1])
+  flat_k = k.reshape(-1, k.shape[-1])
+
+  def score(value, mean, log_scale):
+    # A bin thousands of scales away has mass 0 in float64; other components carry the pixel.
+    with np.errstate(divide='ignore'):
+      return np.log(ref_unit_bin_probs(np.round(value * 255.0), mean, max(log_scale, -7.0)))
+
+  log_p = [
+    ref_mixture_on_unit_scale(p, bins / 255.0, num_mixtures, score)
+    for p, bins in zip(flat_params, flat_k, strict=True)
+  ]
+  return -np.sum(np.reshape(log_p, k.shape[:3]), axis=(1, 2))
+
+
+def random_unit_mixture_params(rng, shape, channels, num_mixtures, log_scale):
+  """Mixture parameters on [0, 1] in our layout: means in [-0.1, 1.1]."""
+  params = random_mixture_params(rng, shape, channels, num_mixtures, log_scale)
+  for m in range(num_mixtures):
+    for c in range(channels):
+      base = num_mixtures + c * (params.shape[-1] - num_mixtures) // channels
+      params[..., base + m] = rng.uniform(-0.1, 1.1, size=shape)
   return params
 
 
@@ -463,6 +580,198 @@ class CategoricalTest(parameterized.TestCase):
     p = jnp.float32([[-80.0, 80.0, 0.0]])
     np.testing.assert_allclose(distributions.categorical_kl(q, p), [160.0], rtol=1e-5)
     grad = jax.grad(lambda q: jnp.sum(distributions.categorical_kl(q, p)))(q)
+    self.assertTrue(np.all(np.isfinite(grad)))
+
+
+class UnitScaleTest(parameterized.TestCase):
+  """from_unit_scale: the authors' [0, 1]-scale outputs rewritten exactly as our parameters."""
+
+  def test_convention_names(self):
+    for name in distributions.LIKELIHOOD_CONVENTIONS:
+      self.assertEqual(distributions.check_likelihood_convention(name), name)
+    with self.assertRaisesRegex(errors.ConfigError, 'likelihood_convention'):
+      distributions.check_likelihood_convention('unit')
+
+  def test_bernoulli_unchanged(self):
+    logits = np.random.default_rng(20).normal(size=(2, 3, 3, 1)).astype(np.float32)
+    np.testing.assert_array_equal(from_unit_scale('bernoulli', logits, 1, 10), logits)
+
+  def test_logistic_tiling_nll_is_the_unit_scale_one(self):
+    rng = np.random.default_rng(21)
+    shape = (2, 3, 4, 3)
+    k = random_bins(rng, shape)
+    mean = rng.uniform(-0.1, 1.1, size=shape)
+    near = rng.uniform(size=shape) < 0.5
+    mean[near] = k[near] / 255.0 + rng.normal(scale=0.01, size=near.sum())
+    # Above our floor, MIN_LOG_SCALE - log 2 on [0, 1].
+    log_scale = rng.uniform(-6.0, 0.0, size=shape)
+    unit = np.concatenate([mean, log_scale], -1).astype(np.float32)
+    converted = from_unit_scale('logistic', unit, 3, 1)
+    expected = -np.sum(np.log(ref_unit_bin_probs(k, unit[..., :3], unit[..., 3:])), axis=(1, 2, 3))
+    got = nll('logistic', converted, (k / 255.0).astype(np.float32), 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(
+      mean_image('logistic', converted, 1), np.clip(unit[..., :3], 0, 1), atol=1e-6
+    )
+
+  @parameterized.parameters(1, 3)
+  def test_mixture_tiling_nll_is_the_unit_scale_one(self, channels):
+    rng = np.random.default_rng(22)
+    mixtures = 3
+    k = random_bins(rng, (2, 3, 4, channels))
+    # Log-scales below their floor of -7 on [0, 1] too.
+    unit = random_unit_mixture_params(rng, k.shape[:3], channels, mixtures, (-8.0, -1.0))
+    converted = from_unit_scale('mixture_logistic', unit, channels, mixtures)
+    expected = ref_tiling_mixture_nll(unit, k, mixtures)
+    got = nll('mixture_logistic', converted, (k / 255.0).astype(np.float32), mixtures)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+  def test_mixture_mean_image_couples_on_unit_values(self):
+    rng = np.random.default_rng(23)
+    mixtures = 2
+    unit = random_unit_mixture_params(rng, (1, 4, 4), 3, mixtures, (-4.0, -1.0))
+    got = mean_image('mixture_logistic', from_unit_scale('mixture_logistic', unit, 3, mixtures), 2)
+    best = np.argmax(unit[..., :mixtures], axis=-1)
+    field = lambda c, f: np.take_along_axis(
+      np.stack([mixture_field(unit, m, c, f, 3, mixtures) for m in range(mixtures)], -1),
+      best[..., None],
+      axis=-1,
+    )[..., 0]
+    x0 = np.clip(field(0, 0), 0, 1)
+    x1 = np.clip(field(1, 0) + np.tanh(field(0, 2)) * x0, 0, 1)
+    x2 = np.clip(field(2, 0) + np.tanh(field(1, 2)) * x0 + np.tanh(field(2, 2)) * x1, 0, 1)
+    np.testing.assert_allclose(got, np.stack([x0, x1, x2], -1), atol=2e-6)
+
+
+def authors_nll_of_unit(likelihood, unit, x, channels, num_mixtures):
+  """authors_nll of the authors' [0, 1]-scale outputs, through from_unit_scale."""
+  converted = from_unit_scale(likelihood, unit, channels, num_mixtures)
+  return authors_nll(likelihood, converted, x, num_mixtures)
+
+
+def one_subpixel(*values):
+  """Hand cases: each tuple of per-sub-pixel values -> float32 [N, 1, 1, len(tuple)]."""
+  return np.float32(values).reshape(len(values), 1, 1, -1)
+
+
+class AuthorsNllTest(parameterized.TestCase):
+  """authors_nll against their formulas, written out in NumPy (float64)."""
+
+  def test_logistic_matches_numpy(self):
+    rng = np.random.default_rng(30)
+    n = 3000
+    k = random_bins(rng, n)
+    k[rng.uniform(size=n) < 0.05] = 254
+    x = k / 255.0
+    log_scale = rng.uniform(-9.0, -4.0, size=n)
+    log_scale[rng.uniform(size=n) < 0.05] = -20.0  # Scale floored at 1e-7.
+    # Means within a few scales of x and scales up to a few bins, where float32
+    # differences of CDFs keep their precision: theirs cancel for wider scales or
+    # bins further out (the hand cases below take the clamps).
+    mean = x + np.exp(log_scale) * rng.uniform(-3.0, 3.0, size=n)
+    unit = np.stack([mean, log_scale], -1).astype(np.float32).reshape(n, 1, 1, 2)
+    x32 = x.astype(np.float32).reshape(n, 1, 1, 1)
+    expected = -ref_authors_logistic_log_probs(x32[:, 0, 0, 0], unit[:, 0, 0, 0], unit[:, 0, 0, 1])
+    got = authors_nll_of_unit('logistic', unit, x32, 1, 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters(
+    # (bin k, mean and log-scale on [0, 1], expected nll). t = 0.5/256 / 0.01.
+    (0, 0.0, np.log(0.01), -np.log(special.expit(0.1953125))),  # Lower tail up to 0.5/256.
+    (255, 1.0, np.log(0.01), -np.log(special.expit(0.1953125))),  # Upper tail.
+    (254, 254 / 255, np.log(0.01), -np.log(special.expit(0.1953125))),  # 254 > 254/256: a tail.
+    (253, 253 / 255, np.log(0.01), -np.log(np.tanh(0.1953125 / 2))),  # Interior, 2 t wide.
+    (1, 1 / 255, np.log(0.01), -np.log(np.tanh(0.1953125 / 2))),  # 1/255 > 1/256: interior.
+    (128, 128 / 255, -30.0, 0.0),  # Scale floored at 1e-7: the whole mass in the bin.
+    (128, 0.6, -30.0, -np.log(1e-7)),  # Mass 0, floored at 1e-7.
+    (128, 0.5, 100.0, -np.log(1e-7)),  # Log-scale capped at 80: mass ~ 1e-37, floored.
+  )
+  def test_logistic_hand_cases(self, k, mean, log_scale, expected):
+    got = authors_nll_of_unit(
+      'logistic', one_subpixel((mean, log_scale)), one_subpixel(k / 255), 1, 1
+    )
+    np.testing.assert_allclose(got, [expected], rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters(1, 3)
+  def test_mixture_matches_numpy(self, channels):
+    rng = np.random.default_rng(31)
+    mixtures = 3
+    k = random_bins(rng, (3, 4, 4, channels))
+    unit = random_unit_mixture_params(rng, k.shape[:3], channels, mixtures, (-9.0, 0.0))
+    x = (k / 255.0).astype(np.float32)
+    expected = ref_authors_mixture_nll(unit, x, mixtures)
+    got = authors_nll_of_unit('mixture_logistic', unit, x, channels, mixtures)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+  @parameterized.parameters(
+    # (bin k, mean and log-scale on [0, 1]) of one grey component.
+    (128, 0.0, -5.0),  # Mass ~ e^-74 <= 1e-5: log density + log(1/255).
+    (128, 128 / 255, -20.0),  # Log-scale floored at -7.
+    (0, 0.3, -3.0),  # Lower tail, up to 0.5/255.
+    (255, 0.3, -3.0),  # Upper tail, from 1 - 0.5/255.
+    (254, 254 / 255, -3.0),  # Interior: these bins tile.
+  )
+  def test_mixture_hand_cases(self, k, mean, log_scale):
+    x, half = k / 255.0, 0.5 / 255.0
+    scale = np.exp(max(log_scale, -7.0))
+    if k == 0:
+      log_p = stats.logistic.logcdf(half, mean, scale)
+    elif k == 255:
+      log_p = stats.logistic.logsf(1.0 - half, mean, scale)
+    elif mean == 0.0:
+      log_p = stats.logistic.logpdf(x, mean, scale) + np.log(1 / 255)
+    else:  # Centred on the bin.
+      log_p = np.log(np.tanh(half / scale / 2))
+    unit = one_subpixel((0.0, mean, log_scale))  # [logit, mean, log-scale], M = 1.
+    got = authors_nll_of_unit('mixture_logistic', unit, one_subpixel(x), 1, 1)
+    np.testing.assert_allclose(got, [-log_p], rtol=1e-5)
+
+  def test_mixture_couples_on_unit_values(self):
+    x = np.float64([40, 200, 90]) / 255.0
+    coeffs = np.float64([0.5, -0.3, 0.8])
+    # Raw means making the coupled means x: m1 + c0 x0 = x1, m2 + c1 x0 + c2 x1 = x2.
+    means = [x[0], x[1] - coeffs[0] * x[0], x[2] - coeffs[1] * x[0] - coeffs[2] * x[1]]
+    log_scale = -4.0
+    unit = [0.0]  # One component's logit, then (mean, log-scale, raw coefficient) per channel.
+    for c in range(3):
+      unit += [means[c], log_scale, np.arctanh(coeffs[c])]
+    got = authors_nll_of_unit('mixture_logistic', one_subpixel(unit), one_subpixel(x), 3, 1)
+    each = np.log(np.tanh(0.5 / 255.0 / np.exp(log_scale) / 2))
+    np.testing.assert_allclose(got, [-3 * each], rtol=1e-5)
+
+  @parameterized.parameters(
+    # (logit, x, expected): torch's binary_cross_entropy of sigmoid(logit).
+    (30.0, 0.0, 100.0),  # sigmoid rounds to 1: log 0 clamped at -100 (bernoulli_nll: 30).
+    (30.0, 1.0, 0.0),
+    (-30.0, 1.0, 30.0),
+    (-120.0, 1.0, 100.0),
+    (5.0, 0.0, np.logaddexp(0.0, 5.0)),
+    (-2.0, 1.0, np.logaddexp(0.0, 2.0)),
+  )
+  def test_bernoulli_is_torch_binary_cross_entropy(self, logit, x, expected):
+    logits, x = one_subpixel(logit), one_subpixel(x)
+    got, grad = jax.jit(jax.value_and_grad(lambda a: authors_nll('bernoulli', a, x, 1)[0]))(logits)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # torch's gradient: p - x, or 0 where the float32 sigmoid rounded to 0 or 1.
+    p = special.expit(np.float64(logit))
+    want = 0.0 if special.expit(np.float32(logit)) in (0.0, 1.0) else p - x[0, 0, 0, 0]
+    np.testing.assert_allclose(grad[0, 0, 0, 0], want, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters(('bernoulli', 1, 1), ('logistic', 3, 1), ('mixture_logistic', 3, 2))
+  def test_gradients_finite_at_extremes(self, likelihood, channels, mixtures):
+    rng = np.random.default_rng(32)
+    p = distributions.num_outputs(likelihood, channels, mixtures)
+    params = (rng.normal(size=(2, 4, 4, p)) * rng.choice([1.0, 40.0, 200.0], size=p)).astype(
+      np.float32
+    )
+    x = random_bins(rng, (2, 4, 4, channels)) / 255.0
+    if likelihood == 'bernoulli':
+      x = np.round(x)
+    x = x.astype(np.float32)
+    value, grad = jax.jit(
+      jax.value_and_grad(lambda a: jnp.sum(authors_nll(likelihood, a, x, mixtures)))
+    )(params)
+    self.assertTrue(np.isfinite(value))
     self.assertTrue(np.all(np.isfinite(grad)))
 
 

@@ -2,8 +2,10 @@
 flax's, and bfloat16 compute against float32."""
 
 import functools
+import itertools
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,9 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from configs import tiny
-from npdraw_jax import npdraw, sharding, train_vae
+from npdraw_jax import errors, npdraw, sharding, train_vae
+from npdraw_jax.models import decoder as decoder_lib
+from npdraw_jax.models import encoder as encoder_lib
 from npdraw_jax.models import layers
 
 
@@ -112,6 +116,130 @@ class PointwisePairTest(parameterized.TestCase):
     want = jax.value_and_grad(objective(TwoConvs()), argnums=(0, 1))(params, x)
     got = jax.jit(jax.value_and_grad(objective(Folded()), argnums=(0, 1)))(params, x)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def numpy_batch_norm_2d(x, scale, bias, running_mean, running_var, train, variance):
+  """PyTorch's BatchNorm2d (momentum 0.1, eps 1e-5) on NHWC x, in float64.
+
+  Returns (output, new running mean, new running variance). Training normalises
+  with the batch's biased variance and moves the running variance a tenth of
+  the way to the unbiased one (n / (n - 1), n = B * H * W) or, for 'biased',
+  to the biased one.
+  """
+  x = x.astype(np.float64)
+  if not train:
+    out = (x - running_mean) / np.sqrt(running_var + 1e-5) * scale + bias
+    return out, running_mean, running_var
+  n = x.shape[0] * x.shape[1] * x.shape[2]
+  mean, biased = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+  stored = biased * n / (n - 1) if variance == 'unbiased' else biased
+  out = (x - mean) / np.sqrt(biased + 1e-5) * scale + bias
+  return out, 0.9 * running_mean + 0.1 * mean, 0.9 * running_var + 0.1 * stored
+
+
+class TorchBatchNormTest(parameterized.TestCase):
+  def variables(self, channels, seed=1):
+    rng = np.random.default_rng(seed)
+    uniform = lambda low, high: rng.uniform(low, high, channels).astype(np.float32)
+    return {
+      'params': {'scale': uniform(0.5, 2.0), 'bias': uniform(-1.0, 1.0)},
+      'batch_stats': {'mean': uniform(-1.0, 1.0), 'var': uniform(0.5, 2.0)},
+    }
+
+  def inputs(self, shape=(4, 3, 5, 6)):
+    rng = np.random.default_rng(0)
+    # Channels of different means and spreads.
+    return (rng.normal(size=shape) * np.arange(1, 7) + np.arange(6) - 2).astype(np.float32)
+
+  @parameterized.parameters(('unbiased', True), ('unbiased', False), ('biased', True))
+  def test_matches_pytorch_batch_norm_2d(self, variance, train):
+    x, variables = self.inputs(), self.variables(6)
+    layer = layers.TorchBatchNorm(not train, variance)
+    got, updates = layer.apply(variables, x, mutable=['batch_stats'])
+    reference = functools.partial(
+      numpy_batch_norm_2d,
+      x,
+      variables['params']['scale'],
+      variables['params']['bias'],
+      variables['batch_stats']['mean'],
+      variables['batch_stats']['var'],
+    )
+    want, want_mean, want_var = reference(train, variance)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    stats = updates['batch_stats']
+    np.testing.assert_allclose(stats['mean'], want_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats['var'], want_var, rtol=1e-6)
+    if train and variance == 'unbiased':  # The two estimates differ by 0.1 var / (n - 1).
+      _, _, biased_var = reference(True, 'biased')
+      self.assertTrue(np.all(np.abs(stats['var'] - biased_var) > 1e-3))
+
+  @parameterized.parameters(itertools.product((True, False), ('float32', 'bfloat16')))
+  def test_biased_is_flax_batch_norm(self, train, dtype):
+    x = self.inputs()
+    ours = layers.TorchBatchNorm(not train, 'biased', dtype=jnp.dtype(dtype))
+    flax_layer = nn.BatchNorm(not train, momentum=0.9, epsilon=1e-5, dtype=jnp.dtype(dtype))
+    # Same variables and initial values: checkpoints carry over.
+    init = ours.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(init, flax_layer.init(jax.random.key(0), x))
+    variables = self.variables(6)
+    got = ours.apply(variables, x, mutable=['batch_stats'])
+    want = flax_layer.apply(variables, x, mutable=['batch_stats'])
+    self.assertEqual(got[0].dtype, jnp.dtype(dtype))
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+
+  def test_statistics_of_the_global_batch_under_jit(self):
+    x, variables = self.inputs((8, 3, 5, 6)), self.variables(6)
+    layer = layers.TorchBatchNorm(False, 'unbiased')
+    step = jax.jit(lambda v, x: layer.apply(v, x, mutable=['batch_stats']))
+    want = step(variables, x)
+    mesh = sharding.make_mesh()
+    # Split over all devices of the run (XLA_FLAGS=--xla_force_host_platform_device_count=8).
+    got = step(sharding.replicate(variables, mesh), jax.device_put(x, sharding.batch_sharded(mesh)))
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+  def test_init_leaves_running_averages(self):
+    x = self.inputs()
+    stats = layers.TorchBatchNorm(False).init(jax.random.key(0), x)['batch_stats']
+    np.testing.assert_array_equal(stats['mean'], np.zeros(6))
+    np.testing.assert_array_equal(stats['var'], np.ones(6))
+
+  def test_one_value_per_channel(self):
+    variables = self.variables(6)
+    with self.assertRaisesRegex(ValueError, 'more than 1 value'):
+      layers.TorchBatchNorm(False).apply(variables, jnp.ones((1, 1, 1, 6)), mutable=True)
+
+  def test_unknown_variance(self):
+    with self.assertRaisesRegex(errors.ConfigError, 'batch_norm_variance'):
+      layers.check_batch_norm_variance('population')
+    with self.assertRaisesRegex(errors.ConfigError, 'batch_norm_variance'):
+      layers.TorchBatchNorm(True, 'population').init(jax.random.key(0), jnp.ones((2, 6)))
+
+  @parameterized.parameters('encoder_mlp', 'encoder_fcn', 'decoder')
+  def test_authors_networks_take_the_variance(self, network):
+    def make(variance):
+      if network == 'decoder':
+        return decoder_lib.AuthorsDecoder(8, 6, upsample=2, batch_norm_variance=variance)
+      head = network.split('_')[1]
+      return encoder_lib.AuthorsEncoder(4, 4, 3, 8, head, batch_norm_variance=variance)
+
+    x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+    unbiased, biased = make('unbiased'), make('biased')
+    variables = unbiased.init(jax.random.key(1), x, train=False)
+    # Same variables whichever the variance: checkpoints load either way.
+    chex.assert_trees_all_equal_shapes(variables, biased.init(jax.random.key(1), x, train=False))
+    names = {path[-2:] for path in flax.traverse_util.flatten_dict(variables['batch_stats'])}
+    self.assertEqual({name for _, name in names}, {'mean', 'var'})
+    self.assertEqual({module for module, _ in names}, {'BatchNorm_0'})
+    out = {}
+    for name, model in (('unbiased', unbiased), ('biased', biased)):
+      out[name] = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    chex.assert_trees_all_close(out['unbiased'][0], out['biased'][0])
+    stats = {name: flax.traverse_util.flatten_dict(o[1]['batch_stats']) for name, o in out.items()}
+    for path, value in stats['unbiased'].items():
+      if path[-1] == 'mean':
+        np.testing.assert_array_equal(value, stats['biased'][path])
+      else:  # Every batch norm moved further: n / (n - 1) > 1.
+        self.assertTrue(np.all(value > stats['biased'][path]), path)
 
 
 def relative_error(got, want):

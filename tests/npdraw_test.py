@@ -87,7 +87,8 @@ class GradientPathTest(absltest.TestCase):
     q, _ = npdraw.encode(model, variables, images, train=False)
 
     def recon(q):
-      latents = npdraw.relaxed_latents(jax.random.key(3), q, 0.7, False, False)
+      noise = npdraw.draw_stage2_noise(jax.random.key(3), q)
+      latents = npdraw.relaxed_latents(noise, q, 0.7, False, False)
       canvases, _ = canvas.render_relaxed_steps(
         model.grid, bank, latents.pres, latents.where, latents.what
       )

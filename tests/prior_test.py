@@ -309,9 +309,9 @@ class SamplerTest(parameterized.TestCase):
     np.testing.assert_allclose(samples.canvases, rendered, atol=1e-6)
     self.assertTrue(samples.pres.any() and not samples.pres.all())
 
-  @parameterized.parameters('authors', 'ours')
-  def test_naive_sampler_draws_the_same_samples(self, networks):
-    model = small_prior(networks)
+  @parameterized.product(networks=('authors', 'ours'), history=('every_step', 'drawn'))
+  def test_naive_sampler_draws_the_same_samples(self, networks, history):
+    model = small_prior(networks, history=history)
     params, bank = init_params(model, seed=1), random_bank(1)
     key = jax.random.key(3)
     cached = sampling.make_sampler(model, GRID, 6)(params, bank, key, 3.0)
@@ -321,6 +321,31 @@ class SamplerTest(parameterized.TestCase):
     for name in ('pres', 'where', 'what'):
       np.testing.assert_allclose(cached.logits[name], naive.logits[name], atol=2e-5, rtol=1e-5)
     self.assertTrue(cached.pres.any() and not cached.pres.all())
+
+  def test_every_step_sampler_reads_the_authors_mark_for_undrawn_steps(self):
+    # The history each step's logits come from, rebuilt by loops: drawn steps
+    # add their box, undrawn ones the mark of an empty location (here p = 4:
+    # ones on the 2 x 2 corner).
+    model = small_prior('authors', history='every_step')
+    params, bank = init_params(model, seed=1), random_bank(1)
+    samples = sampling.make_sampler(model, GRID, 6)(params, bank, jax.random.key(5), 3.0)
+    pres, where = np.asarray(samples.pres), np.asarray(samples.where)
+    self.assertTrue(pres.any() and not pres.all())
+    maps = np.zeros((6, T, 12, 12, 1), np.float32)
+    for b in range(6):
+      location_map = np.zeros((12, 12, 1), np.float32)
+      for t in range(T):
+        maps[b, t] = location_map
+        if pres[b, t]:
+          r, c = GRID.corners()[where[b, t]]
+          location_map[r : r + 4, c : c + 4] = 1.0
+        else:
+          location_map[:2, :2] = 1.0
+    canvases, _ = canvas.render_steps(GRID, bank, samples.pres, samples.where, samples.what)
+    before = canvas.states_before(canvases, canvases[..., :1])[0]
+    logits = model.apply({'params': params}, before, jnp.asarray(maps), jnp.arange(T))
+    for name in ('pres', 'where', 'what'):
+      np.testing.assert_allclose(samples.logits[name], logits[name], atol=2e-5, rtol=1e-5)
 
   @parameterized.parameters('authors', 'ours')
   def test_top_1_picks_the_most_likely_location_and_part(self, networks):

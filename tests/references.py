@@ -11,20 +11,23 @@ def corners(canvas_size: int, stride: int) -> list[tuple[int, int]]:
   return [(i * stride, j * stride) for i in range(side) for j in range(side)]
 
 
-def render(bank, pres, where, what, canvas_size, stride):
-  """Canvas and location map after the last step of one sequence, by loops."""
+def render(bank, pres, where, what, canvas_size, stride, every_box=False):
+  """Canvas and location map after the last step of one sequence, by loops.
+
+  every_box: the map holds every step's box, drawn or not (the authors' history).
+  """
   p, channels = bank.shape[1], bank.shape[-1]
   canvas = np.zeros((canvas_size, canvas_size, channels))
   location_map = np.zeros((canvas_size, canvas_size, 1))
   grid = corners(canvas_size, stride)
   for t in range(len(pres)):
-    if not pres[t]:
-      continue
     r, c = grid[where[t]]
     h, w = min(p, canvas_size - r), min(p, canvas_size - c)
-    region = canvas[r : r + h, c : c + w]
-    canvas[r : r + h, c : c + w] = np.maximum(region, bank[what[t], :h, :w])
-    location_map[r : r + h, c : c + w] = 1.0
+    if pres[t] or every_box:
+      location_map[r : r + h, c : c + w] = 1.0
+    if pres[t]:
+      region = canvas[r : r + h, c : c + w]
+      canvas[r : r + h, c : c + w] = np.maximum(region, bank[what[t], :h, :w])
   return canvas, location_map
 
 

@@ -63,13 +63,15 @@ def weights_with(**changes) -> npdraw.LossWeights:
   return dataclasses.replace(npdraw.LossWeights.from_config(tiny.get_config().vae), **changes)
 
 
-def terms_fn(weights, rho=0.0, tau=1.0):
-  """jit(q, key) -> the stage-2 terms under `weights`."""
-  _, model, variables, bank, batch = fixture()
+def terms_fn(weights, rho=0.0, tau=1.0, model=None):
+  """jit(q, key) -> the stage-2 terms under `weights` (of the fixture's model unless given)."""
+  _, fixture_model, variables, bank, batch = fixture()
+  model = model or fixture_model
 
   @jax.jit
   def terms(q, key):
-    return npdraw.stage2_terms(model, variables, bank, batch, q, key, tau, rho, weights)[0]
+    noise = npdraw.draw_stage2_noise(key, q)
+    return npdraw.stage2_terms(model, variables, bank, batch, q, noise, tau, rho, weights)[0]
 
   return terms
 
@@ -115,32 +117,46 @@ class TeacherForcingRateTest(parameterized.TestCase):
 
 
 class TeacherForcingTest(parameterized.TestCase):
-  @parameterized.parameters(('none', False), ('straight_through', True))
+  @parameterized.parameters(
+    ('none', False, 'nothing', 'every_step'),
+    ('straight_through', True, 'nothing', 'drawn'),
+    ('none', False, 'parse_part', 'drawn'),
+    ('straight_through', False, 'parse_part', 'every_step'),
+  )
   def test_forced_decoder_input_is_the_render_of_parse_where_and_what(
-    self, where_gradient, force_pres
+    self, where_gradient, force_pres, undrawn, history
   ):
     _, model, variables, bank, batch = fixture()
+    model = dataclasses.replace(model, prior=model.prior.clone(history=history))
     # q's pres is certain, and differs from the parse's on about half the steps.
     q_pres = np.random.default_rng(1).uniform(size=batch['pres'].shape) < 0.5
     q = random_q(2, pres_logits=jnp.where(q_pres, 1e3, -1e3))
     weights = weights_with(
-      where_gradient=where_gradient, teacher_forcing_pres=force_pres, prior_dropout=False
+      where_gradient=where_gradient,
+      teacher_forcing_pres=force_pres,
+      prior_dropout=False,
+      forcing_undrawn=undrawn,
     )
-    terms = terms_fn(weights, rho=1.0)(q, jax.random.key(3))
+    terms = terms_fn(weights, rho=1.0, model=model)(q, jax.random.key(3))
     pres = batch['pres'] if force_pres else q_pres
-    self.assertTrue(np.any(q_pres != batch['pres']))  # Forcing pres would show.
+    self.assertTrue(np.any(q_pres & ~batch['pres']))  # Steps only q draws would show.
+    # The authors' parse has no part, at location 0, where it draws nothing.
+    nothing = undrawn == 'nothing'
+    pasted = pres & batch['pres'] if nothing else pres
+    where = np.where(batch['pres'], batch['where'], 0) if nothing else batch['where']
     for b in range(BATCH):
       want, _ = references.render(
-        bank, pres[b], batch['where'][b], batch['what'][b], 16, model.grid.stride
+        bank, pasted[b], where[b], batch['what'][b], 16, model.grid.stride
       )
       np.testing.assert_allclose(terms.canvas[b], want, atol=1e-6, err_msg=f'example {b}')
     np.testing.assert_array_equal(terms.latents.pres, pres)
-    # The prior reads the same forced drawing, step by step.
-    history = canvas.states_before(
-      *canvas.render_steps(model.grid, bank, pres, batch['where'], batch['what'])
-    )
+    # The prior reads the same forced drawing, step by step: the canvases of
+    # what is pasted, the boxes of the steps drawn (or of every step).
+    canvases, _ = canvas.render_steps(model.grid, bank, pasted, where, batch['what'])
+    _, maps = canvas.render_steps(model.grid, bank, pres, where, batch['what'], history)
     steps = jnp.arange(pres.shape[1])
-    want = model.prior.apply({'params': variables['params']['prior']}, *history, steps)
+    prior_input = canvas.states_before(canvases, maps)
+    want = model.prior.apply({'params': variables['params']['prior']}, *prior_input, steps)
     for name in want:
       np.testing.assert_allclose(terms.prior_logits[name], want[name], atol=1e-4, err_msg=name)
 

@@ -7,6 +7,7 @@ project's own ('ours'), AuthorsDecoder the authors' exact network (spec
 section 11, 'authors').
 """
 
+import functools
 from typing import Any
 
 import chex
@@ -56,7 +57,8 @@ class AuthorsDecoder(nn.Module):
   stride 2 + BN + ReLU; when the image is twice the canvas, a transposed
   conv2x2 stride 2 + BN + ReLU and a conv1x1 (no activation); then a conv1x1
   to the likelihood's channels. Computes in `dtype` (parameters stay
-  float32); the output is float32.
+  float32); the output is float32. Batch norms keep the running variance
+  `batch_norm_variance` of layers.TorchBatchNorm.
   """
 
   features: int
@@ -64,25 +66,24 @@ class AuthorsDecoder(nn.Module):
   upsample: int = 1  # Image side / canvas side: 1 or 2.
   output_bias: bool = True  # The authors' mixture-of-logistics head has none.
   dtype: Any = jnp.float32
+  batch_norm_variance: str = 'unbiased'  # PyTorch's; 'biased' is flax's.
 
   @nn.compact
   def __call__(self, canvas: jax.Array, train: bool) -> jax.Array:
     chex.assert_rank(canvas, 4)
     _check_upsample(self.upsample)
+    variance = layers.check_batch_norm_variance(self.batch_norm_variance)
     f, dtype = self.features, self.dtype
+    conv_bn = functools.partial(layers.TorchConvBN, dtype=dtype, batch_norm_variance=variance)
     x = canvas
     for _ in range(2):
-      x = layers.TorchConvBN(f, kernel=4, strides=2, padding=1, use_bias=False, dtype=dtype)(
-        x, train
-      )
+      x = conv_bn(f, kernel=4, strides=2, padding=1, use_bias=False)(x, train)
     for _ in range(2):
-      x = layers.AuthorsResBlock(dtype)(x, train)
+      x = layers.AuthorsResBlock(dtype, variance)(x, train)
     for _ in range(2):
-      x = layers.TorchConvBN(
-        f, kernel=4, strides=2, padding=1, use_bias=False, transpose=True, dtype=dtype
-      )(x, train)
+      x = conv_bn(f, kernel=4, strides=2, padding=1, use_bias=False, transpose=True)(x, train)
     if self.upsample == 2:
-      x = layers.TorchConvBN(f, kernel=2, strides=2, transpose=True, dtype=dtype)(x, train)
+      x = conv_bn(f, kernel=2, strides=2, transpose=True)(x, train)
       # The authors' conv1x1 (f -> f) and output conv1x1, combined by pointwise_pair.
       first = layers.PointwiseParams(f, f, name='Conv_0')()
       second = layers.PointwiseParams(f, self.out_channels, self.output_bias, name='Conv_1')()

@@ -10,6 +10,7 @@ Two families: Encoder is this project's own ('ours'), AuthorsEncoder the
 authors' exact network (spec section 11, 'authors').
 """
 
+import functools
 import math
 from typing import Any
 
@@ -89,7 +90,8 @@ class AuthorsEncoder(nn.Module):
   dense, pres one dense. 'fcn' (their CIFAR-10/CelebA net): conv3x3 stride 2,
   two conv4x4 stride 2 (the last without ReLU), two A-Res blocks, conv1x1;
   resized to sqrt(T) x sqrt(T), conv1x1 + BN + ReLU and a conv1x1 per output.
-  Computes in `dtype` (parameters stay float32).
+  Computes in `dtype` (parameters stay float32). Batch norms keep the running
+  variance `batch_norm_variance` of layers.TorchBatchNorm.
   """
 
   num_steps: int
@@ -98,9 +100,11 @@ class AuthorsEncoder(nn.Module):
   features: int
   head: str
   dtype: Any = jnp.float32
+  batch_norm_variance: str = 'unbiased'  # PyTorch's; 'biased' is flax's.
 
   def setup(self):
     _check_head(self.head, self.num_steps)
+    layers.check_batch_norm_variance(self.batch_norm_variance)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -108,9 +112,11 @@ class AuthorsEncoder(nn.Module):
     batch = x.shape[0]
     steps, f, dtype = self.num_steps, self.features, self.dtype
     sizes = {'pres': 1, 'where': self.num_locations, 'what': self.num_parts}
+    variance = self.batch_norm_variance
+    conv_bn = functools.partial(layers.TorchConvBN, dtype=dtype, batch_norm_variance=variance)
     if self.head == 'mlp':
       for _ in range(4):
-        x = layers.TorchConvBN(f, kernel=3, strides=2, padding=1, dtype=dtype)(x, train)
+        x = conv_bn(f, kernel=3, strides=2, padding=1)(x, train)
       h = nn.relu(nn.Dense(f, dtype=dtype)(x.reshape(batch, -1)))
       logits = {}
       for name in ('what', 'where'):
@@ -118,18 +124,14 @@ class AuthorsEncoder(nn.Module):
         logits[name] = nn.Dense(steps * sizes[name], dtype=dtype, name=name)(hidden)
       logits['pres'] = nn.Dense(steps, dtype=dtype, name='pres')(h)
     else:
-      x = layers.TorchConvBN(f, kernel=3, strides=2, padding=1, dtype=dtype)(x, train)
-      x = layers.TorchConvBN(f, kernel=4, strides=2, padding=1, use_bias=False, dtype=dtype)(
-        x, train
-      )
-      x = layers.TorchConvBN(
-        f, kernel=4, strides=2, padding=1, use_bias=False, relu=False, dtype=dtype
-      )(x, train)
+      x = conv_bn(f, kernel=3, strides=2, padding=1)(x, train)
+      x = conv_bn(f, kernel=4, strides=2, padding=1, use_bias=False)(x, train)
+      x = conv_bn(f, kernel=4, strides=2, padding=1, use_bias=False, relu=False)(x, train)
       for _ in range(2):
-        x = layers.AuthorsResBlock(dtype)(x, train)
+        x = layers.AuthorsResBlock(dtype, variance)(x, train)
       x = nn.Conv(f, (1, 1), dtype=dtype)(x)
       x = resize_to_grid(x, math.isqrt(steps))
-      h = layers.TorchConvBN(f, kernel=1, dtype=dtype)(x, train)
+      h = conv_bn(f, kernel=1)(x, train)
       logits = {
         name: nn.Conv(size, (1, 1), dtype=dtype, name=name)(h) for name, size in sizes.items()
       }

@@ -2,7 +2,7 @@
 
 ConvBN, ResBlock and DownBody make this project's own nets ('ours');
 TorchConvBN and AuthorsResBlock the authors' (spec section 11), with
-PyTorch's paddings and batch-norm defaults.
+PyTorch's paddings and batch norm (TorchBatchNorm).
 
 Every block takes a compute `dtype`: activations and matrix multiplies run in
 it, parameters stay float32 and batch statistics are reduced in float32.
@@ -20,6 +20,7 @@ from npdraw_jax import errors
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 NETWORKS = ('authors', 'ours')
+BATCH_NORM_VARIANCES = ('unbiased', 'biased')
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -33,6 +34,15 @@ def check_networks(name: str) -> str:
   """config.model.networks, checked: 'authors' (spec section 11) or 'ours'."""
   if name not in NETWORKS:
     raise errors.ConfigError(f'model.networks must be one of {NETWORKS}, got {name!r}.')
+  return name
+
+
+def check_batch_norm_variance(name: str) -> str:
+  """config.model.batch_norm_variance, checked: 'unbiased' (PyTorch's) or 'biased' (flax's)."""
+  if name not in BATCH_NORM_VARIANCES:
+    raise errors.ConfigError(
+      f'model.batch_norm_variance must be one of {BATCH_NORM_VARIANCES}, got {name!r}.'
+    )
   return name
 
 
@@ -320,9 +330,62 @@ class DownBody(nn.Module):
 # --- The authors' blocks (spec section 11), in PyTorch's conventions ---------
 
 
-def torch_batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
-  """BatchNorm2d's defaults: PyTorch's momentum 0.1 is flax's 0.9 (weight of the old average)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+# flax's momentum: the running averages keep 0.9 of themselves (PyTorch's momentum 0.1).
+_TORCH_BN_KEEP = 0.9
+_TORCH_BN_EPSILON = 1e-5
+
+
+class TorchBatchNorm(nn.Module):
+  """PyTorch's BatchNorm2d over the last axis of [..., C]: momentum 0.1, epsilon 1e-5.
+
+  Training normalises with the batch's mean and biased variance, computed in
+  float32 over every axis but the last (of the global array under jit, so
+  sharded batches reduce over the whole batch, as nn.BatchNorm does). The
+  running averages then move a tenth of the way to the batch's mean and to
+  its variance: 'unbiased' (PyTorch) takes the unbiased variance, n / (n - 1)
+  times the biased one, n the number of values per channel; 'biased' (flax's
+  nn.BatchNorm) the biased one. Evaluation normalises with the running
+  averages. Variables, initial values, the variance formula (E[x^2] - E[x]^2,
+  floored at 0) and the output dtype are nn.BatchNorm's, so checkpoints and
+  'biased' outputs are those of nn.BatchNorm(momentum=0.9, epsilon=1e-5).
+  """
+
+  use_running_average: bool
+  variance: str = 'unbiased'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_batch_norm_variance(self.variance)
+    features = x.shape[-1]
+    axes = tuple(range(x.ndim - 1))
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axes)
+      # Round-off can make E[x^2] - E[x]^2 negative.
+      var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axes) - jnp.square(mean))
+      if not self.is_initializing():
+        keep = _TORCH_BN_KEEP
+        running_mean.value = keep * running_mean.value + (1 - keep) * mean
+        running_var.value = keep * running_var.value + (1 - keep) * self._stored(var, x)
+    scale = self.param('scale', nn.initializers.ones_init(), (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), (features,), jnp.float32)
+    y = (x - mean) * (jax.lax.rsqrt(var + _TORCH_BN_EPSILON) * scale) + bias
+    return y.astype(self.dtype)
+
+  def _stored(self, biased_var: jax.Array, x: jax.Array) -> jax.Array:
+    """The batch variance the running average takes: biased or n / (n - 1) times it."""
+    if self.variance == 'biased':
+      return biased_var
+    count = math.prod(x.shape[:-1])
+    if count < 2:
+      # PyTorch refuses too: no unbiased variance from one value.
+      raise ValueError(f'Training batch norm needs more than 1 value per channel, got {x.shape}.')
+    return biased_var * (count / (count - 1))
 
 
 class TorchConvBN(nn.Module):
@@ -343,6 +406,7 @@ class TorchConvBN(nn.Module):
   transpose: bool = False
   relu: bool = True
   dtype: Any = jnp.float32
+  batch_norm_variance: str = 'unbiased'  # Of the running variance: TorchBatchNorm.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -363,7 +427,9 @@ class TorchConvBN(nn.Module):
         dtype=self.dtype,
         conv_general_dilated=conv_general_dilated,
       )(x)
-    x = torch_batch_norm(train, self.dtype)(x)
+    # nn.BatchNorm's name here, which checkpoints written before TorchBatchNorm carry.
+    norm = TorchBatchNorm(not train, self.batch_norm_variance, self.dtype, name='BatchNorm_0')
+    x = norm(x)
     return nn.relu(x) if self.relu else x
 
 
@@ -374,11 +440,19 @@ class AuthorsResBlock(nn.Module):
   """
 
   dtype: Any = jnp.float32
+  batch_norm_variance: str = 'unbiased'  # Of the running variance: TorchBatchNorm.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     features = x.shape[-1]
+    conv_bn = functools.partial(
+      TorchConvBN,
+      features,
+      use_bias=False,
+      batch_norm_variance=self.batch_norm_variance,
+      dtype=self.dtype,
+    )
     x = nn.relu(x)
-    y = TorchConvBN(features, kernel=3, padding=1, use_bias=False, dtype=self.dtype)(x, train)
-    y = TorchConvBN(features, kernel=1, use_bias=False, relu=False, dtype=self.dtype)(y, train)
+    y = conv_bn(kernel=3, padding=1)(x, train)
+    y = conv_bn(kernel=1, relu=False)(y, train)
     return x + y

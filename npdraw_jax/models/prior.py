@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from npdraw_jax import canvas as canvas_lib
 from npdraw_jax.models import dropout, layers
 
 # PyTorch's nn.LayerNorm default, which the authors' blocks use.
@@ -234,6 +235,8 @@ class AuthorsPrior(nn.Module):
     dropout: dropout rate (embeddings, attention output, MLP).
     decode: one token per call with a key/value cache.
     dtype: compute dtype (parameters stay float32; the logits are float32).
+    history: which steps' boxes the location maps it reads hold
+      (canvas.PRIOR_HISTORIES); whoever renders its input reads it here.
   """
 
   num_steps: int
@@ -248,6 +251,7 @@ class AuthorsPrior(nn.Module):
   dropout: float
   decode: bool = False
   dtype: Any = jnp.float32
+  history: str = 'drawn'
 
   def setup(self):
     self.token_cnn = AuthorsTokenCNN(self.token_features, self.d_model, self.dtype)
@@ -390,6 +394,8 @@ class OursPrior(nn.Module):
     dropout: dropout rate (attention, residuals).
     decode: one token per call with a key/value cache.
     dtype: compute dtype (parameters stay float32; the logits are float32).
+    history: which steps' boxes the location maps it reads hold
+      (canvas.PRIOR_HISTORIES); whoever renders its input reads it here.
   """
 
   num_steps: int
@@ -404,6 +410,7 @@ class OursPrior(nn.Module):
   dropout: float
   decode: bool = False
   dtype: Any = jnp.float32
+  history: str = 'drawn'
 
   @nn.compact
   def __call__(
@@ -457,6 +464,7 @@ def make_prior(config: ml_collections.ConfigDict, num_locations: int) -> Prior:
     mlp_dim=p.mlp_dim,
     dropout=p.dropout,
     dtype=layers.compute_dtype(config.model.compute_dtype),
+    history=canvas_lib.check_history(config.model.prior_history),
   )
 
 
