@@ -235,7 +235,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   it would otherwise only surface at the config's first use."""
   with _user_errors_end_the_command(_command_line_error_message):
     argv = flags.FLAGS(argv)
-    if 'config' in flags.FLAGS and not isinstance(flags.FLAGS.config, ml_collections.ConfigDict):
+    config = flags.FLAGS.config if 'config' in flags.FLAGS else None
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
       flags.FLAGS.config.to_dict()  # config_flags' stand-in raises the load failure on use.
   return argv
 
