@@ -62,11 +62,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Output likelihood: 'bernoulli' | 'logistic' | 'mixture_logistic'.
   config.model.likelihood = 'bernoulli'
   config.model.num_mixtures = 10  # Components of 'mixture_logistic'.
-  # How the decoder's logistic outputs are read and scored (docs: README,
-  # "Conventions"). 'authors' (reference): means and log-scales on the [0, 1]
-  # scale, trained on the authors' bins (half-width 0.5/256 around k/255, not
-  # tiling the line); the eval stage reports the proper, tiling bound as well.
-  # 'tiling': outputs on the [-1, 1] scale, trained on bins that tile the line.
+  # How the decoder's outputs are read and scored in training (README,
+  # "Reproducing the authors' NP-DRAW"). 'authors' (reference): their losses:
+  # Bernoulli as torch's binary cross-entropy of the sigmoid (logs clamped at
+  # -100); logistic means and log-scales on the [0, 1] scale with their bins
+  # (half-width 0.5/256 around k/255, not tiling the line). 'tiling': our
+  # [-1, 1] scale and exact, tiling likelihoods. The bounds of the eval stage
+  # use the exact likelihood either way; nll_authors_S uses theirs.
   config.model.likelihood_convention = 'authors'
   # The location map in the prior's drawing history. 'every_step' (reference):
   # every step's box enters, drawn or not; 'drawn': only drawn steps' boxes.

@@ -557,8 +557,8 @@ def score_hard_samples(
   log_px = -distributions.nll(model.likelihood, out, flat(repeated), model.num_mixtures)
   log_px_trained = None
   if trained_likelihood:
-    same = model.likelihood_convention != 'authors' or model.likelihood == 'bernoulli'
-    trained = log_px if same else -reconstruction_loss(model, out, flat(repeated))
+    authors = model.likelihood_convention == 'authors'
+    trained = -reconstruction_loss(model, out, flat(repeated)) if authors else log_px
     log_px_trained = trained.reshape(num_samples, -1)
   return ScoredSamples(
     pres=flat(pres),
