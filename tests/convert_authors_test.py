@@ -1,11 +1,10 @@
 """npdraw_jax.convert_authors on a small experiment in the authors' release layout.
 
-tests/data/authors_small/ was written once by
-  python -m benchmarks.authors_checkpoint --authors_repo=NPDRAW --dataset=mnist --small \
-      --out=tests/data/authors_small --outputs=tests/data/authors_small/outputs.npz
-with torch and the authors' code: their MNIST model at reduced widths (SMALL_WIDTHS) with
-random weights and batch statistics, and in outputs.npz what their networks and torch.load
-gave. No torch here.
+tests/data/authors_small/ was written once, with torch and the authors' code, by the
+command in tests/authors_equivalence_test.py's docstring (benchmarks.authors_equivalence_torch
+--small ... --network_outputs): their MNIST model at reduced widths (SMALL_WIDTHS) with
+random weights and batch statistics, and in outputs.npz what their networks (on one fixed
+input) and torch.load gave (benchmarks.authors_checkpoint's --outputs). No torch here.
 """
 
 import os
