@@ -103,7 +103,7 @@ SCRIPT_FLAGS = {
   },
 }
 
-# Their prior as spec section 11 describes it (prior_config.py keys): a ViT of
+# Their prior as docs/model.md, section 11 describes it (prior_config.py keys): a ViT of
 # width 64 and depth 8 with MLP 2048 over the token CNN, one head per output.
 PRIOR_FLAGS = {
   'model_name': 'cnn_prior',

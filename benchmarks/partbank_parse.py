@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from configs import mnist
-from npdraw_jax import input_pipeline, parsing, pipeline
+from npdraw_jax import canvas, input_pipeline, parsing, pipeline
 
 
 def measure(num_images: int) -> list[str]:
@@ -19,7 +19,7 @@ def measure(num_images: int) -> list[str]:
   digits = input_pipeline.load_split(config.data, 'train').canvas_images
   reps = -(-num_images // len(digits))
   images = np.tile(digits, (reps, 1, 1, 1))[:num_images].astype(np.float32) / 255.0
-  grid = pipeline.grid_from_config(config)
+  grid = canvas.grid_from_config(config)
 
   start = time.perf_counter()
   bank = pipeline.build_bank(config, images)

@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from benchmarks import timing
-from npdraw_jax import pipeline, sharding, train_lib, train_prior
+from npdraw_jax import canvas, sharding, train_lib, train_prior
 from npdraw_jax.models import prior as prior_lib
 
 
@@ -35,7 +35,7 @@ def measure(name: str, get_config, batch_size: int, steps: int) -> dict:
   config.prior.batch_size = batch_size
   p = config.prior
   sharding.check_batch_size(p.batch_size, 'prior.batch_size')
-  grid = pipeline.grid_from_config(config)
+  grid = canvas.grid_from_config(config)
   mesh = sharding.make_mesh()
   model = prior_lib.make_prior(config, grid.num_locations)
   schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)

@@ -1,6 +1,6 @@
 """Every benchmark of npdraw-jax, written down as one dated section of RESULTS.md.
 
-  python -m benchmarks.run [--quick] [--only=stage2,prior,sampling,parse,variants,dtype]
+  python -m benchmarks.run [--quick] [--only=stage2,prior,sampling,parse,kernels,variants,dtype]
 
 Measures on whatever devices JAX sees, at the MNIST and CelebA configurations:
   stage2    stage-2 train step at the reference configurations (the authors'
@@ -10,8 +10,11 @@ Measures on whatever devices JAX sees, at the MNIST and CelebA configurations:
   prior     stage-1 prior train step: images/s;
   sampling  cached against naive O(T^2) prior sampling (T = 36, 64);
   parse     part bank and raster parser over MNIST-sized images;
-  variants  the stage-2 step with the model's renderer, convolutions, attention
-            and GELU against their alternatives, in turn in one process;
+  kernels   the stage-2 and prior steps in both forms of config.model.kernels
+            ('cpu' and 'plain', npdraw_jax/platform_kernels.py), side by side;
+  variants  the stage-2 step with the 'cpu' form's convolutions, attention,
+            dropout and GELU and the model's renderer against their
+            alternatives, one at a time, in turn in one process;
   dtype     (GPU/TPU only) the stage-2 step in float32 against bfloat16 compute.
 Comparisons are ratios measured in one run, because shared machines are noisy.
 --quick uses small batches, few steps and 10,000 images: minutes on a 2-core CPU.
@@ -27,8 +30,9 @@ from absl import app, flags, logging
 
 from benchmarks import partbank_parse, prior_train, results, sampling, timing, vae_train
 from configs import celeba, mnist
+from npdraw_jax import platform_kernels
 
-ITEMS = ('stage2', 'prior', 'sampling', 'parse', 'variants', 'dtype')
+ITEMS = ('stage2', 'prior', 'sampling', 'parse', 'kernels', 'variants', 'dtype')
 _QUICK = flags.DEFINE_bool('quick', False, 'Small batches and few steps (minutes on a CPU).')
 _ONLY = flags.DEFINE_list('only', list(ITEMS), f'Benchmarks to run, of {", ".join(ITEMS)}.')
 _RESULTS = flags.DEFINE_string('results', results.RESULTS_FILE, 'Markdown file to append to.')
@@ -85,7 +89,7 @@ RENDERER = 'renderer: `place` einsum'
 PRIOR_BASELINES = (
   'GELU: nn.gelu (erfc)',
   'attention: heads not folded',
-  "dropout: flax's nn.Dropout (threefry loop)",
+  'dropout: jax.random.bernoulli (threefry loop)',
 )
 # Only stage 2 with beta = 0 renders the final canvas alone.
 FINAL_CANVAS = 'beta = 0: every canvas rendered, the last one used'
@@ -161,6 +165,11 @@ QUICK = Settings(
 
 MODEL = 'model'
 DTYPES = {'float32': {}, 'bfloat16': {'compute_dtype': 'bfloat16'}}  # {} shares the cached step.
+
+
+def kernel_form_args(form: str) -> dict:
+  """compile_step's arguments for a kernel form: {} (the cached step) for the one 'auto' picks."""
+  return {} if platform_kernels.resolve('auto') == form else {'kernels': form}
 
 
 def _on_accelerator() -> bool:
@@ -310,6 +319,51 @@ def comparison_table(rows: list[dict], reference: str, ratio_label: str) -> list
   return lines
 
 
+def kernels_lines(settings: Settings) -> list[str]:
+  """The stage-2 and prior steps in the 'cpu' and the 'plain' kernel forms."""
+  auto = platform_kernels.resolve('auto')
+  label = lambda form: f'{form} (auto here)' if form == auto else form
+  rows = [
+    vae_train.compare(
+      name,
+      get_config,
+      settings.variant_batches[name],
+      {label(form): kernel_form_args(form) for form in platform_kernels.FORMS},
+      settings.variant_rounds,
+      settings.variant_budget_s,
+    )
+    for name, get_config in CONFIGS.items()
+  ]
+  prior_rows = [
+    prior_train.measure(
+      f'{name}, {label(form)}',
+      _with(get_config, **{'model.kernels': form}),
+      settings.prior_batches[0] or get_config().prior.batch_size,
+      settings.prior_steps,
+    )
+    for name, get_config in CONFIGS.items()
+    for form in platform_kernels.FORMS
+  ]
+  return [
+    "### Kernel forms: 'cpu' against 'plain'",
+    '',
+    "`config.model.kernels` (npdraw_jax/platform_kernels.py): 'cpu' computes transposed "
+    'convolutions by output phase, 1x1 convolutions as matmuls, two 1x1 convolutions in '
+    'a row as one, dropout masks as one fused threefry hash, attention on the folded '
+    "per-head products, GELU with erf and the final canvas from the running maximum's "
+    "last pairings; 'plain' runs flax's and lax's own operations. Same parameters, values "
+    "to float32 round-off (tests/platform_kernels_test.py). 'auto' picks 'cpu' on a CPU "
+    "backend, 'plain' on GPUs and TPUs: this table is what that choice rests on. Stage-2 "
+    'steps timed in turn in one process:',
+    '',
+    *comparison_table(rows, label('cpu'), 's / step over cpu'),
+    '',
+    'Stage-1 prior train step in each form (one after the other):',
+    '',
+    *prior_train.table(prior_rows),
+  ]
+
+
 def variants_lines(settings: Settings) -> list[str]:
   """Item 6: the model's renderer, convolutions, attention and GELU against the alternatives."""
   rows = []
@@ -326,7 +380,12 @@ def variants_lines(settings: Settings) -> list[str]:
     straight = f'{name}, where straight-through'
     groups = [(name, get_config, labels), (straight, STRAIGHT_THROUGH[straight], [RENDERER])]
     for group, group_config, group_labels in groups:
-      variants = {MODEL: {}, **{label: {'baselines': (label,)} for label in group_labels}}
+      # The baselines replace one 'cpu' form kernel each.
+      cpu = kernel_form_args('cpu')
+      variants = {
+        MODEL: cpu,
+        **{label: {**cpu, 'baselines': (label,)} for label in group_labels},
+      }
       rows.append(
         vae_train.compare(
           group,
@@ -340,25 +399,25 @@ def variants_lines(settings: Settings) -> list[str]:
   return [
     '### Variants in the stage-2 train step',
     '',
-    f'"{MODEL}": what the model uses: `layers.conv_transpose` (one stride-1 convolution '
+    f'"{MODEL}": the model in the \'cpu\' kernel form (`platform_kernels`): '
+    '`phase_conv_transpose` (one stride-1 convolution '
     'per output phase; one matmul for all phases when the kernel equals the stride), '
-    '`layers.pointwise_pair` (two 1x1 convolutions in a row as one), '
-    '`layers.stride1_conv` (kernel gradients of the 2x2 phases as per-tap '
-    'matmuls over batch chunks), `layers.pointwise_conv` (1x1 convolutions as matmuls), '
-    'attention on the per-head products Wq Wk^T and Wv Wo (`prior.folds_heads`), '
-    "`prior.exact_gelu` (erf) and `dropout.Dropout` (flax's masks as one fused hash); "
+    '`pointwise_pair` (two 1x1 convolutions in a row as one), '
+    '`stride1_conv` (kernel gradients of the 2x2 phases as per-tap '
+    'matmuls over batch chunks), `pointwise_conv` (1x1 convolutions as matmuls), '
+    'attention on the per-head products Wq Wk^T and Wv Wo (`folds_heads`), '
+    "`exact_gelu` (erf) and `dropout_keep_mask` (flax's masks as one fused hash); "
     '`canvas.render_relaxed` when beta = 0 (the final canvas alone); '
     "with vae.where_gradient = 'straight_through' (not the reference), "
     '`canvas.place_straight_through` (pad-and-slice '
     "forward, the einsum's gradient). Each other row swaps one of them for its alternative: "
     "`lax.conv_transpose` (what flax's nn.ConvTranspose runs), XLA's own convolutions "
     '(all of them, or the 1x1 ones only), the four head projections as written, '
-    "`nn.gelu(approximate=False)` (erfc), flax's nn.Dropout, the dense `canvas.place` "
+    "`nn.gelu(approximate=False)` (erfc), jax.random.bernoulli's masks, the dense `canvas.place` "
     'einsum, a convolution per phase, the two 1x1 convolutions in turn, or (beta = 0) '
     'every canvas of the drawing rendered where only the last is used. Same values '
-    'and gradients to float tolerance (tests/canvas_test.py, tests/layers_test.py, '
-    'tests/prior_test.py; the dropout masks bit-equal, tests/dropout_test.py); the steps '
-    'are timed in turn in one process.',
+    'and gradients to float tolerance (tests/platform_kernels_test.py; the dropout masks '
+    'bit-equal); the steps are timed in turn in one process.',
     '',
     *comparison_table(rows, MODEL, f's / step over "{MODEL}"'),
   ]
@@ -391,6 +450,7 @@ SECTIONS = {
   'prior': prior_lines,
   'sampling': sampling_lines,
   'parse': parse_lines,
+  'kernels': kernels_lines,
   'variants': variants_lines,
   'dtype': dtype_lines,
 }

@@ -15,13 +15,13 @@ import numpy as np
 from absl import logging
 
 from benchmarks import timing
-from npdraw_jax import pipeline, sampling
+from npdraw_jax import canvas, sampling
 from npdraw_jax.models import prior as prior_lib
 
 
 def _setup(config, seed: int = 0):
   """Model, grid, random params and random bank of a configuration's prior."""
-  grid = pipeline.grid_from_config(config)
+  grid = canvas.grid_from_config(config)
   model = prior_lib.make_prior(config, grid.num_locations)
   side, channels, steps = config.data.canvas_size, config.data.channels, config.model.T
   init_key, bank_key = jax.random.split(jax.random.key(seed))

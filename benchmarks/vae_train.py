@@ -3,7 +3,7 @@
 The state is built as train_vae builds it, the step is train_vae.make_train_step
 (compiled ahead of time, so compile time is apart), the batch is random
 images with random parses and the part bank random. Variants of the step
-(the renderer, the convolutions, the prior's dropout masks and GELU, the compute
+(the kernel forms, one platform kernel at a time, the renderer, the compute
 dtype) are compiled side by side and timed in turn in one process; `breakdown`
 times the step's parts.
 """
@@ -25,8 +25,7 @@ import optax
 from absl import logging
 
 from benchmarks import timing
-from npdraw_jax import canvas, npdraw, sharding, train_lib, train_vae
-from npdraw_jax.models import dropout, layers, prior
+from npdraw_jax import canvas, npdraw, platform_kernels, sharding, train_lib, train_vae
 
 
 def lax_conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -35,58 +34,72 @@ def lax_conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Arra
   return jax.lax.conv_transpose(x, kernel, (stride, stride), 'SAME', dimension_numbers=dims)
 
 
+def lax_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  """A stride-1 NHWC/HWIO convolution as XLA runs it."""
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=dims)
+
+
 def xla_convolutions() -> contextlib.ExitStack:
-  """layers.stride1_conv, layers.pointwise_conv and layers.conv_general_dilated as plain lax
-  convolutions."""
+  """The 'cpu' form's stride1_conv, pointwise_conv and 1x1 nn.Conv as plain lax convolutions."""
   patches = contextlib.ExitStack()
   patches.enter_context(
-    mock.patch.object(layers, 'pointwise_conv', lambda x, k: layers._lax_conv(x, k, 'VALID'))
+    mock.patch.object(platform_kernels, 'pointwise_conv', lambda x, k: lax_conv(x, k, 'VALID'))
   )
+  patches.enter_context(mock.patch.object(platform_kernels, 'stride1_conv', lax_conv))
   patches.enter_context(
-    mock.patch.object(layers, 'stride1_conv', lambda x, k, padding: layers._lax_conv(x, k, padding))
-  )
-  patches.enter_context(
-    mock.patch.object(layers, 'conv_general_dilated', jax.lax.conv_general_dilated)
+    mock.patch.object(platform_kernels, 'matmul_conv_general_dilated', jax.lax.conv_general_dilated)
   )
   return patches
 
 
-def pointwise_in_turn(x: jax.Array, first: tuple, second: tuple, dtype) -> jax.Array:
-  """What layers.pointwise_pair replaces: the two 1x1 convolutions one after the other."""
+def pointwise_in_turn(x: jax.Array, first: tuple, second: tuple, dtype, form: str) -> jax.Array:
+  """What the 'cpu' form of pointwise_pair replaces: the two 1x1 convolutions (as matmuls)
+  one after the other."""
+  del form
   for kernel, bias in (first, second):
-    x = layers.pointwise_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    x = platform_kernels.pointwise_conv(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
   return x
 
 
-# The alternatives to what the model uses, patched in while a step is traced.
+def every_canvas_then_the_last(grid, bank, pres, where, what, where_gradient=True, kernels='cpu'):
+  """What canvas.render_relaxed replaces: every canvas of the drawing rendered, the last used."""
+  del kernels
+  return canvas.render_relaxed_steps(grid, bank, pres, where, what, where_gradient)[0][:, -1]
+
+
+# The alternatives to what the model uses in the 'cpu' kernel form (or, for the
+# renderer and the final canvas, in either form), patched in while a step is traced.
 BASELINES = {
   'renderer: `place` einsum': lambda: mock.patch.object(
     canvas, 'place_straight_through', canvas.place
   ),
   'transposed conv: lax.conv_transpose': lambda: mock.patch.object(
-    layers, 'conv_transpose', lax_conv_transpose
+    platform_kernels, 'phase_conv_transpose', lax_conv_transpose
   ),
   "convolutions: XLA's": xla_convolutions,
   'transposed conv, kernel = stride: one matmul per phase': lambda: mock.patch.object(
-    layers, '_pointwise_phases', layers._phase_convolutions
+    platform_kernels, 'pointwise_phases', platform_kernels.phase_convolutions
   ),
   'two 1x1 convolutions in turn (not folded)': lambda: mock.patch.object(
-    layers, 'pointwise_pair', pointwise_in_turn
+    platform_kernels, 'pointwise_pair', pointwise_in_turn
   ),
   'beta = 0: every canvas rendered, the last one used': lambda: mock.patch.object(
-    canvas, 'render_relaxed', lambda *args: canvas.render_relaxed_steps(*args)[0][:, -1]
+    canvas, 'render_relaxed', every_canvas_then_the_last
   ),
   '1x1 convolutions: lax convolutions': lambda: mock.patch.object(
-    layers, 'pointwise_conv', lambda x, k: layers.stride1_conv(x, k, ((0, 0), (0, 0)))
+    platform_kernels,
+    'pointwise_conv',
+    lambda x, k: platform_kernels.stride1_conv(x, k, ((0, 0), (0, 0))),
   ),
-  "dropout: flax's nn.Dropout (threefry loop)": lambda: mock.patch.object(
-    dropout, 'Dropout', flax.linen.Dropout
+  'dropout: jax.random.bernoulli (threefry loop)': lambda: mock.patch.object(
+    platform_kernels, 'fused_bits_supported', lambda key, shape: False
   ),
   'GELU: nn.gelu (erfc)': lambda: mock.patch.object(
-    prior, 'exact_gelu', lambda x: flax.linen.gelu(x, approximate=False)
+    platform_kernels, 'exact_gelu', lambda x, form: flax.linen.gelu(x, approximate=False)
   ),
   'attention: heads not folded': lambda: mock.patch.object(
-    prior, 'folds_heads', lambda width, head_dim: False
+    platform_kernels, 'folds_heads', lambda width, head_dim, form: False
   ),
 }
 
@@ -139,6 +152,7 @@ def compile_step(
   batch_size: int,
   baselines: tuple[str, ...] = (),
   compute_dtype: str = 'float32',
+  kernels: str = 'auto',
 ) -> CompiledStep:
   """The stage-2 step of a configuration at a global batch size, with baselines patched in.
 
@@ -147,6 +161,7 @@ def compile_step(
   config = get_config()
   config.vae.batch_size = batch_size
   config.model.compute_dtype = compute_dtype
+  config.model.kernels = kernels
   sharding.check_batch_size(batch_size, 'vae.batch_size')
   mesh = sharding.make_mesh()
   with contextlib.ExitStack() as patches:
@@ -265,6 +280,7 @@ def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callabl
   config = get_config()
   config.vae.batch_size = batch_size
   model = npdraw.make_model(config)
+  kernels = platform_kernels.resolve(config.model.kernels)
   weights = npdraw.LossWeights.from_config(config.vae)
   variables = npdraw.init_variables(model, jax.random.key(0))
   params, stats = variables['params'], variables['batch_stats']
@@ -299,7 +315,7 @@ def part_calls(get_config: Callable, batch_size: int) -> dict[str, tuple[Callabl
     args = (model.grid, bank, latents.pres, latents.where, latents.what)
     straight_through = weights.where_gradient == 'straight_through'
     if weights.beta == 0:  # As the step: the final canvas alone.
-      return (canvas.render_relaxed(*args, straight_through),), latents.pres
+      return (canvas.render_relaxed(*args, straight_through, kernels),), latents.pres
     canvases, maps = canvas.render_relaxed_steps(*args, straight_through, model.prior.history)
     return (canvases[:, -1], canvases, maps), latents.pres
 

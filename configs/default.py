@@ -5,7 +5,7 @@ The per-dataset configs start from this one and override a few values. Run
   python -m experiments.mnist --workdir=/tmp/mnist --config.model.K=100
 
 to override any field from the command line; a misspelt field is an error.
-Settings marked "reference" are the NP-DRAW authors' (shared/docs/npdraw.md).
+Settings marked "reference" are the NP-DRAW authors' (docs/model.md).
 """
 
 import ml_collections
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # served; 'threshold': binary at 0.5 once; 'none': grey levels / colour.
   config.data.binarize = 'dynamic'
 
-  # --- Part bank (spec section 2) ----------------------------------------------
+  # --- Part bank (docs/model.md, section 2) ----------------------------------------------
   config.partbank = ml_collections.ConfigDict()
   config.partbank.extract_stride = 1  # Stride of the dense patch grid.
   config.partbank.empty_threshold = 0.1  # Drop patches whose mean is below; 0: off.
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.partbank.tol = 1e-4  # Stop when centre movement < tol * data variance.
   config.partbank.chunk_size = 8192  # Points per distance chunk (bounds memory).
 
-  # --- Structured latents (spec section 1) -------------------------------------
+  # --- Structured latents (docs/model.md, section 1) -------------------------------------
   config.model = ml_collections.ConfigDict()
   config.model.K = 50  # Parts in the bank (reference MNIST 50).
   config.model.patch_size = 5  # p: side of a part (reference MNIST 5).
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # every step's box enters, drawn or not; 'drawn': only drawn steps' boxes.
   config.model.prior_history = 'every_step'
   # Encoder, decoder and prior family: 'authors' (the reference networks of
-  # spec section 11) | 'ours' (this project's earlier, wider nets).
+  # docs/model.md, section 11) | 'ours' (this project's earlier, wider nets).
   config.model.networks = 'authors'
   config.model.encoder_head = 'mlp'  # 'mlp' (MNIST, Omniglot) | 'fcn' (CIFAR, CelebA).
   config.model.encoder_features = 128  # Channels of the encoder CNN (reference 128).
@@ -82,11 +82,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Activations and matmuls of the encoder, decoder and prior: 'float32' or
   # 'bfloat16' (for GPUs/TPUs); parameters, latents and losses stay float32.
   config.model.compute_dtype = 'float32'
+  # How transposed and 1x1 convolutions, dropout masks, attention, GELU and the
+  # final canvas's running maximum are computed (npdraw_jax/platform_kernels.py):
+  # 'cpu' (forms measured faster on XLA:CPU) | 'plain' (flax's and lax's own,
+  # which GPU and TPU compilers are tuned for) | 'auto' ('cpu' on a CPU backend,
+  # else 'plain'). Same parameters, and values to float32 round-off.
+  config.model.kernels = 'auto'
   # BatchNorm's running variance under the authors' networks: 'unbiased'
   # (reference: PyTorch's n / (n - 1) batch variance) | 'biased' (flax's).
   config.model.batch_norm_variance = 'unbiased'
 
-  # --- Heuristic parser (spec section 3) ---------------------------------------
+  # --- Heuristic parser (docs/model.md, section 3) ---------------------------------------
   config.parse = ml_collections.ConfigDict()
   config.parse.order = 'raster'  # 'raster' (reference, T = L) | 'greedy'.
   # raster: a step is present when its patch's mean intensity exceeds this;
@@ -94,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.parse.threshold = 0.1
   config.parse.batch_size = 1024  # Images parsed per compiled call.
 
-  # --- Stage 1: Transformer prior (spec section 4) -------------------------------
+  # --- Stage 1: Transformer prior (docs/model.md, section 4) -------------------------------
   config.prior = ml_collections.ConfigDict()
   # Reference (section 11): width 64, 8 layers, 16 heads of 64, MLP 2048.
   config.prior.token_features = 16  # Channels of the canvas-token CNN.
@@ -116,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prior.sample_top_k = 0  # 0: sample from the whole distribution.
   config.prior.num_samples = 64  # Prior samples drawn into pictures.
 
-  # --- Stage 2: encoder and decoder (spec sections 5-7) ------------------------
+  # --- Stage 2: encoder and decoder (docs/model.md, sections 5-7) ------------------------
   config.vae = ml_collections.ConfigDict()
   config.vae.batch_size = 500  # Reference MNIST 500.
   config.vae.lr = 1e-3  # Encoder; the decoder trains at 0.1 * lr (reference).
@@ -155,7 +161,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # checkpoint is kept beside the last and the eval stage uses it.
   config.vae.holdout_iwae_samples = 10
 
-  # --- Baseline of the low-data study (spec section 9) -------------------------
+  # --- Baseline of the low-data study (docs/model.md, section 9) -------------------------
   # A plain VAE as the flax examples' MNIST VAE: one hidden ReLU layer in the
   # encoder and in the decoder, Gaussian latents, model.likelihood for the
   # pixels, and its own optimizer (Adam), batch and steps.
@@ -169,7 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.baseline.checkpoint_every = 1000
   config.baseline.keep_checkpoints = 3
 
-  # --- Evaluation (spec section 8) ---------------------------------------------
+  # --- Evaluation (docs/model.md, section 8) ---------------------------------------------
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500  # Test images per compiled call (last one padded).
   # The values of S of the importance-weighted bound (reference 1, 50, 500,

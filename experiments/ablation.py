@@ -4,7 +4,7 @@
       [--variants=reference,our_networks,...] [--config.FIELD=VALUE ...]
 
 Each variant is the reference configuration (the authors' networks and stage
-2, spec section 11, at the step budget of configs/ablation.py) with one
+2, docs/model.md, section 11, at the step budget of configs/ablation.py) with one
 switch flipped (VARIANTS). Every variant runs NP-DRAW's stages in
 DIR/<variant>; a variant that changes only stage-2 settings starts from a
 copy of the reference's part bank, parses and prior, so all of them compare
@@ -26,7 +26,7 @@ from ml_collections import config_flags
 import configs
 from configs import mnist_cpu
 from experiments import launch, study
-from npdraw_jax import pipeline, train_prior
+from npdraw_jax import canvas, pipeline, train_prior
 
 TABLE_FILE = 'ablation.md'
 PLOT_FILE = 'ablation.png'
@@ -71,7 +71,7 @@ def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collec
 
 def shares_upstream(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict):
   """Whether two configurations make the same bank, parses and prior."""
-  grid = pipeline.grid_from_config(config)
+  grid = canvas.grid_from_config(config)
   return (
     pipeline.parse_settings(config) == pipeline.parse_settings(reference)
     and train_prior.checkpoint_settings(config, grid.num_locations)

@@ -1,4 +1,4 @@
-"""Latent editing of two test images (spec section 9).
+"""Latent editing of two test images (docs/model.md, section 9).
 
   python -m experiments.edit --workdir=DIR --a=I --b=J \\
       --region=top|bottom|left|right|x0,y0,x1,y1 [--out=FILE]

@@ -97,7 +97,7 @@ def check_before_work(
     train_vae.check_recorded_settings(config, workdir, allow_changed_settings)
 
 
-class _QuietCheckpointer(python_logging.Filter):
+class QuietCheckpointer(python_logging.Filter):
   """Drops Orbax's per-save INFO lines; its warnings and errors still show."""
 
   def filter(self, record: python_logging.LogRecord) -> bool:
@@ -117,7 +117,7 @@ def prepare(config, joined: str | None = None) -> None:
     jax.device_count(),
     jax.devices()[0].platform,
   )
-  logging.get_absl_handler().addFilter(_QuietCheckpointer())
+  logging.get_absl_handler().addFilter(QuietCheckpointer())
   if config.data.source == 'tfds':
     train_lib.hide_accelerators_from_tensorflow()
 

@@ -1,4 +1,4 @@
-"""The low-data study (spec section 9): NP-DRAW against a plain VAE trained on
+"""The low-data study (docs/model.md, section 9): NP-DRAW against a plain VAE trained on
 fractions of the training split, compared by their test NLL bound.
 
   python -m experiments.low_data --workdir=DIR [--config=configs/low_data.py]

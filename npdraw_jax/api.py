@@ -31,7 +31,6 @@ from npdraw_jax import (
   distributions,
   editing,
   errors,
-  evaluate,
   input_pipeline,
   npdraw,
   partbank,
@@ -108,7 +107,7 @@ class Frames(NamedTuple):
 
 
 class Edited(NamedTuple):
-  """A region swap (spec section 9) of images A and B.
+  """A region swap (docs/model.md, section 9) of images A and B.
 
   Attributes:
     drawing: [1, 2T] A's drawn steps outside the region, then B's inside.
@@ -405,6 +404,6 @@ def load_run(workdir: str) -> Run:
   bank = partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE))
   _require(os.path.join(workdir, pipeline.PARSES_FILE), 'parse')
   _require(os.path.join(workdir, train_prior.STAGE), train_prior.STAGE)
-  model, state = evaluate.restore_trained_model(config, workdir, sharding.make_mesh())
+  model, state = train_vae.restore_trained_model(config, workdir, sharding.make_mesh())
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   return Run(config, model, variables, bank.parts, workdir)

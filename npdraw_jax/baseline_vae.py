@@ -1,4 +1,4 @@
-"""A plain VAE, the baseline of the low-data study (spec section 9).
+"""A plain VAE, the baseline of the low-data study (docs/model.md, section 9).
 
 The flax examples' MNIST VAE: Gaussian latents z ~ N(0, I) of
 baseline.latent_dim dimensions, an encoder and a decoder of one hidden layer
@@ -30,11 +30,10 @@ import optax
 from absl import logging
 
 from npdraw_jax import (
+  bound,
   checkpointing,
   distributions,
-  evaluate,
   input_pipeline,
-  losses,
   pipeline,
   sharding,
   train_lib,
@@ -156,9 +155,9 @@ def iwae_bounds(
   sample_counts: tuple[int, ...],
   chunk_size: int,
 ) -> dict[str, jax.Array]:
-  """Per-image bounds on -log p(x) in nats at each S (losses.importance_weighted_bounds)."""
+  """Per-image bounds on -log p(x) in nats at each S (bound.importance_weighted_bounds)."""
   mean, log_var = model.net.apply(variables, images, method='encode')
-  return losses.importance_weighted_bounds(
+  return bound.importance_weighted_bounds(
     lambda k, n: log_importance_weights(model, variables, images, mean, log_var, k, n),
     key,
     sample_counts,
@@ -278,7 +277,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, model: Base
 
 def make_eval_step(model: BaselineVAE, config: ml_collections.ConfigDict, mesh):
   """Jitted (variables, batch, key) -> per-image bounds and 'mask' [B], replicated."""
-  counts = evaluate.iwae_sample_counts(config)
+  counts = bound.iwae_sample_counts(config)
   chunk = min(config.eval.chunk_size, counts[-1])
 
   def eval_step(variables, batch, key):
@@ -294,7 +293,7 @@ def make_eval_step(model: BaselineVAE, config: ml_collections.ConfigDict, mesh):
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Bounds of the trained baseline on the whole test split; returns the summary.
 
-  The summary is evaluate.summarise's: 'nll_iwae' (largest S), 'elbo', one
+  The summary is bound.summarise's: 'nll_iwae' (largest S), 'elbo', one
   'nll_iwae_{S}' per S, each with its '_stderr', and 'iwae_samples'.
   """
   mesh = sharding.make_mesh()
@@ -303,7 +302,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   variables = {'params': state.params}
   test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
   eval_step = make_eval_step(model, config, mesh)
-  summary = evaluate.test_bounds(
+  summary = bound.test_bounds(
     config,
     test,
     mesh,

@@ -1,4 +1,4 @@
-"""The location grid and the canvas renderer (spec sections 1 and 5).
+"""The location grid and the canvas renderer (docs/model.md, sections 1 and 5).
 
 A drawing is a sequence of T steps; step t pastes part `what_t` of the bank at
 grid location `where_t` when `pres_t` is set, and the canvas keeps the
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npdraw_jax import errors
+from npdraw_jax import errors, platform_kernels
 
 PRIOR_HISTORIES = ('every_step', 'drawn')
 
@@ -89,6 +89,15 @@ class Grid:
     y = np.arange(self.canvas_size)[None, :, None]
     i = np.arange(self.patch_size)[None, None, :]
     return (y == g * self.stride + i).astype(np.float32)
+
+
+def grid_from_config(config) -> Grid:
+  """The canvas geometry a configuration (ml_collections) asks for."""
+  return Grid(
+    canvas_size=config.data.canvas_size,
+    patch_size=config.model.patch_size,
+    stride=config.model.location_stride,
+  )
 
 
 def paste(grid: Grid, parts: jax.Array, where: jax.Array) -> jax.Array:
@@ -223,28 +232,6 @@ def accumulate(placed: jax.Array, pres: jax.Array) -> jax.Array:
   return jax.lax.cummax(_drawn(placed, pres), axis=pres.ndim - 1)
 
 
-def last_of_cummax(x: jax.Array, axis: int) -> jax.Array:
-  """jax.lax.cummax(x, axis) at the last index, without the rest of the scan.
-
-  jax differentiates cummax as a parallel prefix scan of pairwise maxima;
-  this runs that scan's pairings for the last element only, so values and
-  gradients are bit-equal to cummax's, ties included (a tie splits the
-  gradient in halves at each pairing). CelebA's rendering (T = 64) takes half
-  the time it takes with the whole scan (benchmarks/RESULTS.md).
-  """
-  n = x.shape[axis]
-  if n < 2:
-    return jax.lax.index_in_dim(x, n - 1, axis, keepdims=False)
-  pairs = jax.lax.max(
-    jax.lax.slice_in_dim(x, 0, n - 1, stride=2, axis=axis),
-    jax.lax.slice_in_dim(x, 1, None, stride=2, axis=axis),
-  )
-  last = last_of_cummax(pairs, axis)
-  if n % 2:
-    last = jax.lax.max(last, jax.lax.index_in_dim(x, n - 1, axis, keepdims=False))
-  return last
-
-
 def check_history(history: str) -> str:
   """`history` if it names one of PRIOR_HISTORIES, else a ConfigError naming the config key."""
   if history not in PRIOR_HISTORIES:
@@ -310,6 +297,24 @@ def sampled_boxes(grid: Grid, pres: jax.Array, where: jax.Array, history: str, d
   if check_history(history) == 'drawn':
     undrawn = jnp.zeros_like(undrawn)
   return jnp.where(pres[..., None, None, None], box, undrawn)
+
+
+def render_sampled_steps(
+  grid: Grid,
+  bank: jax.Array,
+  pres: jax.Array,
+  where: jax.Array,
+  what: jax.Array,
+  history: str,
+) -> tuple[jax.Array, jax.Array]:
+  """render_steps as the model generates: the location maps hold what sampled_boxes
+  adds, so an undrawn step's `where` (which the prior does not draw) is not read.
+
+  The sampler builds these step by step; the bound scores q's samples on them.
+  """
+  canvases, _ = render_steps(grid, bank, pres, where, what)
+  added = sampled_boxes(grid, pres, where, history, bank.dtype)
+  return canvases, jax.lax.cummax(added, axis=pres.ndim - 1)
 
 
 def render(
@@ -381,11 +386,16 @@ def render_relaxed(
   where_weights: jax.Array,
   what_weights: jax.Array,
   where_gradient: bool = True,
+  kernels: str = 'cpu',
 ) -> jax.Array:
   """The final canvas of render_relaxed_steps, [..., Hc, Wc, C], with the same values and
-  gradients, for when nothing reads the history (stage 2 with beta = 0)."""
+  gradients, for when nothing reads the history (stage 2 with beta = 0).
+
+  kernels: the form of the running maximum's last element
+  (platform_kernels.last_of_cummax); bit-equal in either.
+  """
   put, parts = _relaxed_parts(grid, bank, pres, where_weights, what_weights, where_gradient)
-  return last_of_cummax(_drawn(put(parts), pres), axis=pres.ndim - 1)
+  return platform_kernels.last_of_cummax(_drawn(put(parts), pres), pres.ndim - 1, kernels)
 
 
 def states_before(canvases: jax.Array, maps: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -48,6 +48,7 @@ from ml_collections import config_flags
 
 from npdraw_jax import (
   artifacts,
+  canvas,
   checkpointing,
   errors,
   npdraw,
@@ -461,7 +462,7 @@ def check_location_table(prior_dir: str, config: ml_collections.ConfigDict) -> N
   """
   path = os.path.join(prior_dir, 'float_matrix.npy')
   table = np.load(path, allow_pickle=False)
-  grid = pipeline.grid_from_config(config)
+  grid = canvas.grid_from_config(config)
   expected = grid.corners().astype(np.float64) + grid.patch_size / 2
   found = table.reshape(-1, 2) if table.ndim == 3 and table.shape[0] == 1 else None
   if found is None or found.shape != expected.shape:
@@ -966,11 +967,7 @@ def define_flags() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  from experiments import launch  # The command line's module, as in __main__ below.
-
   f = flags.FLAGS
-  # Orbax's per-save lines, dropped as the experiments' launcher drops them.
-  logging.get_absl_handler().addFilter(launch._QuietCheckpointer())
   record = convert(f.authors_dir, f.workdir, f.config, f.checkpoint, f.prior_dir)
   logging.info(
     'Converted %s (their epoch %d) into %s: prior at step %d, VAE at step %d. Evaluate it with '
@@ -985,6 +982,9 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  from experiments import launch  # The house command line: a user error is one line.
+  # The house command line (a user error is one line), and Orbax's per-save
+  # lines dropped as the experiments' launcher drops them.
+  from experiments import launch
 
+  logging.get_absl_handler().addFilter(launch.QuietCheckpointer())
   launch.run_app(main, define_flags)

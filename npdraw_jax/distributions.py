@@ -1,6 +1,6 @@
 """Pixel likelihoods of the decoder and the discrete distributions of the latents.
 
-Pixel likelihoods (spec section 6) take the decoder's output `params`
+Pixel likelihoods (docs/model.md, section 6) take the decoder's output `params`
 [B, H, W, P] and images `x` [B, H, W, C] in [0, 1] and return the negative
 log-likelihood of each image in nats, [B]:
 

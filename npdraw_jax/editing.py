@@ -1,4 +1,4 @@
-"""Latent editing (spec section 9): B's parts inside a region, A's outside.
+"""Latent editing (docs/model.md, section 9): B's parts inside a region, A's outside.
 
 Images A and B are encoded to their most likely drawing steps (api.Run.edit
 does the whole edit); the edited drawing keeps A's drawn steps whose part

@@ -16,7 +16,7 @@ accumulated in float64 NumPy on the host.
 
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import chex
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from tqdm import tqdm
 
 from npdraw_jax import errors
 from npdraw_jax.models import inception
@@ -178,3 +179,72 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   trace_sqrt = np.sum(np.linalg.svd(_sqrt_psd(sigma1) @ _sqrt_psd(sigma2), compute_uv=False))
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+# --- FID of two image streams ----------------------------------------------------------
+
+# Seed streams of the Bernoulli draws of the binary protocol.
+_FAKE_NOISE, _REAL_NOISE = 1, 2
+
+
+def _pad_to(batch: np.ndarray, size: int) -> np.ndarray:
+  """The batch with zero images appended up to `size`: one shape, one compile."""
+  pad = size - batch.shape[0]
+  return np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)]) if pad else batch
+
+
+def feature_moments(
+  features_fn: Callable[[np.ndarray], jax.Array], batches: Iterable[np.ndarray], batch_size: int
+) -> Moments:
+  """Running moments of the features of every image in batches of at most batch_size.
+
+  The features' width is features_fn's (Inception's by default, when no batch comes).
+  """
+  moments = None
+  for batch in batches:
+    features = np.asarray(features_fn(_pad_to(batch, batch_size)))
+    if moments is None:
+      moments = init_moments(features.shape[1])
+    moments = update_moments(moments, features[: batch.shape[0]])
+  return init_moments() if moments is None else moments
+
+
+def _counted(batches: Iterable[np.ndarray], bar: tqdm) -> Iterator[np.ndarray]:
+  """The batches, advancing the progress bar by each batch's size."""
+  for batch in batches:
+    yield batch
+    bar.update(batch.shape[0])
+
+
+def bernoulli_draws(batches: Iterable[np.ndarray], seed: int, stream: int) -> Iterator[np.ndarray]:
+  """Each batch of images in [0, 1] as one Bernoulli draw per pixel, in {0, 1}.
+
+  Batch b draws from the NumPy generator [seed, stream, b]: repeatable.
+  """
+  for b, batch in enumerate(batches):
+    uniform = np.random.default_rng([seed, stream, b]).random(batch.shape, dtype=np.float32)
+    # u < p with u in [0, 1): p = 0 never fires, p = 1 always does.
+    yield (uniform < batch).astype(np.float32)
+
+
+def images_fid(
+  features_fn: Callable[[np.ndarray], jax.Array],
+  fake: Iterable[np.ndarray],
+  real: Iterable[np.ndarray],
+  batch_size: int,
+  binarize_seed: int | None,
+  total: int | None = None,
+) -> float:
+  """FID between two streams of image batches [n <= batch_size, H, W, C] in [0, 1].
+
+  With binarize_seed (the authors' protocol for binary data) both streams are
+  Bernoulli-drawn (bernoulli_draws, a stream each) before the features.
+  total: the number of images, for the progress bar.
+  """
+  if binarize_seed is not None:
+    fake = bernoulli_draws(fake, binarize_seed, _FAKE_NOISE)
+    real = bernoulli_draws(real, binarize_seed, _REAL_NOISE)
+  with tqdm(total=total, desc='FID', unit='image') as bar:
+    fake_moments = feature_moments(features_fn, _counted(fake, bar), batch_size)
+    real_moments = feature_moments(features_fn, _counted(real, bar), batch_size)
+  return frechet_distance(*mean_and_covariance(fake_moments), *mean_and_covariance(real_moments))

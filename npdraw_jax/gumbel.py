@@ -1,4 +1,4 @@
-"""Relaxed samples of discrete latents (spec section 5); the PRNG key is always an argument.
+"""Relaxed samples of discrete latents (docs/model.md, section 5); the key is an argument.
 
 - `gumbel_softmax`: softmax((logits + g) / tau), g standard Gumbel noise; its
   argmax is an exact categorical draw, and as tau -> 0 it tends to that one-hot.

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import distributions, errors, gumbel, losses, pipeline
+from npdraw_jax import distributions, errors, gumbel, platform_kernels
 from npdraw_jax.models import decoder as decoder_lib
 from npdraw_jax.models import encoder as encoder_lib
 from npdraw_jax.models import layers
@@ -28,7 +28,8 @@ class NPDraw:
   likelihood_convention (distributions.LIKELIHOOD_CONVENTIONS): 'authors'
   reads the decoder's outputs on the authors' [0, 1] scale and trains on their
   likelihood; `decode` returns the parameters on ours either way, so that the
-  bound, pictures and samples need not know.
+  bound, pictures and samples need not know. kernels: the form the modules
+  were built in (platform_kernels.FORMS), which the renderer reads here.
   """
 
   encoder: encoder_lib.Encoder
@@ -40,6 +41,7 @@ class NPDraw:
   num_mixtures: int
   image_size: int
   channels: int
+  kernels: str
 
 
 def make_networks(
@@ -47,12 +49,13 @@ def make_networks(
 ) -> tuple[
   encoder_lib.AuthorsEncoder | encoder_lib.Encoder, decoder_lib.AuthorsDecoder | decoder_lib.Decoder
 ]:
-  """The (encoder, decoder) of config.model.networks: 'authors' (spec section 11) or 'ours'."""
+  """The (encoder, decoder) of config.model.networks: 'authors' (docs/model.md, 11) or 'ours'."""
   m, data = config.model, config.data
   dtype = layers.compute_dtype(m.compute_dtype)
   if data.image_size % data.canvas_size:
     raise ValueError('data.image_size must be 1 or 2 times data.canvas_size.')
   authors = layers.check_networks(m.networks) == 'authors'
+  kernels = platform_kernels.resolve(m.kernels)
   encoder_args = {
     'num_steps': m.T,
     'num_locations': num_locations,
@@ -66,6 +69,7 @@ def make_networks(
     'out_channels': distributions.num_outputs(m.likelihood, data.channels, m.num_mixtures),
     'upsample': data.image_size // data.canvas_size,
     'dtype': dtype,
+    'kernels': kernels,
   }
   if not authors:
     return encoder_lib.Encoder(**encoder_args), decoder_lib.Decoder(**decoder_args)
@@ -73,7 +77,7 @@ def make_networks(
   # Their mixture-of-logistics output conv has no bias; their other heads do.
   output_bias = m.likelihood != 'mixture_logistic'
   return (
-    encoder_lib.AuthorsEncoder(**encoder_args, batch_norm_variance=variance),
+    encoder_lib.AuthorsEncoder(**encoder_args, batch_norm_variance=variance, kernels=kernels),
     decoder_lib.AuthorsDecoder(
       **decoder_args, output_bias=output_bias, batch_norm_variance=variance
     ),
@@ -82,7 +86,7 @@ def make_networks(
 
 def make_model(config: ml_collections.ConfigDict) -> NPDraw:
   """The model a configuration describes."""
-  grid = pipeline.grid_from_config(config)
+  grid = canvas_lib.grid_from_config(config)
   m, data = config.model, config.data
   encoder, decoder = make_networks(config, grid.num_locations)
   return NPDraw(
@@ -95,6 +99,7 @@ def make_model(config: ml_collections.ConfigDict) -> NPDraw:
     num_mixtures=m.num_mixtures,
     image_size=data.image_size,
     channels=data.channels,
+    kernels=platform_kernels.resolve(m.kernels),
   )
 
 
@@ -123,7 +128,7 @@ def init_variables(model: NPDraw, key: jax.Array, prior_params=None) -> dict:
 
 
 def gumbel_temperature(epoch, tau0: float, tau_min: float, rate: float):
-  """tau(e) = max(tau_min, tau0 * exp(-rate * e)) (spec section 5)."""
+  """tau(e) = max(tau_min, tau0 * exp(-rate * e)) (docs/model.md, section 5)."""
   return jnp.maximum(tau_min, tau0 * jnp.exp(-rate * epoch))
 
 
@@ -131,7 +136,7 @@ TEACHER_FORCING_SCHEDULES = ('cumulative', 'exponential')
 
 
 def teacher_forcing_rate(epoch, schedule: str, decay: float):
-  """rho_e, the probability that an example is drawn from its parse in epoch e (spec section 7).
+  """rho_e, the probability that an example is drawn from its parse in epoch e (docs/model.md, 7).
 
   'cumulative' (reference): rho starts at 1 and is multiplied by exp(-decay * e)
   at the start of epoch e, so rho_e = exp(-decay * e * (e + 1) / 2).
@@ -413,7 +418,8 @@ def stage2_terms(
   render_args = (model.grid, bank, latents.pres, latents.where, latents.what)
   where_gradient = weights.where_gradient == 'straight_through'
   if weights.beta == 0:  # Nothing depends on the prior: no history, and the prior is not run.
-    final_canvas, history = canvas_lib.render_relaxed(*render_args, where_gradient), None
+    final_canvas = canvas_lib.render_relaxed(*render_args, where_gradient, model.kernels)
+    history = None
   else:
     # One rendering serves the decoder (last canvas) and the prior (the history).
     canvases, maps = canvas_lib.render_relaxed_steps(
@@ -452,7 +458,7 @@ def stage2_loss(
   rho,
   weights: LossWeights,
 ):
-  """loss = recon + beta * KL + lambda_sup * SUP, averaged over the batch (spec section 7).
+  """loss = recon + beta * KL + lambda_sup * SUP, batch-averaged (docs/model.md, section 7).
 
   Args:
     model: the modules.
@@ -489,151 +495,6 @@ def stage2_loss(
   return loss, (metrics, {'encoder': enc_stats, 'decoder': dec_stats})
 
 
-# --- Importance-weighted bound (evaluation) ----------------------------------------
-
-
-def hard_sample(key: jax.Array, q: dict, num_samples: int):
-  """S hard samples of q: (pres, where, what) [S, B, T] and their log q [S, B].
-
-  The location and part of an undrawn step are not part of z (the prior does
-  not score them either), so they are marginalised out of log q.
-  """
-  k_pres, k_where, k_what = jax.random.split(key, 3)
-  shape = (num_samples, *q['pres'].shape)
-  pres = jax.random.bernoulli(k_pres, jax.nn.sigmoid(q['pres']), shape)
-  where = jax.random.categorical(k_where, q['where'], shape=shape).astype(jnp.int32)
-  what = jax.random.categorical(k_what, q['what'], shape=shape).astype(jnp.int32)
-  q_per_sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)), q)
-  return (pres, where, what), losses.prior_sequence_log_prob(q_per_sample, pres, where, what)
-
-
 def q_mode(q: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The mode of each factor of q: (pres = P(pres) > 1/2, argmax where, argmax what) [B, T]."""
   return q['pres'] > 0, jnp.argmax(q['where'], -1), jnp.argmax(q['what'], -1)
-
-
-class ScoredSamples(NamedTuple):
-  """S hard samples z_s ~ q(z | x) of B images, scored by the model.
-
-  Per-sample arrays are flattened sample-major: row s * B + b is sample s of image b.
-  """
-
-  pres: jax.Array  # [S * B, T] bool.
-  prior_logits: dict  # The prior on each sample's history: leaves [S * B, T, ...].
-  log_q: jax.Array  # [S, B] log q(z_s | x).
-  log_pz: jax.Array  # [S, B] log p(z_s).
-  log_px: jax.Array  # [S, B] log p(x | z_s), the proper (tiling) likelihood.
-  # [S, B] the likelihood stage 2 trains on (reconstruction_loss), when asked for.
-  log_px_trained: jax.Array | None
-
-
-def score_hard_samples(
-  model: NPDraw,
-  variables: dict,
-  bank: jax.Array,
-  q: dict,
-  images: jax.Array,
-  key,
-  num_samples,
-  trained_likelihood: bool = False,
-) -> ScoredSamples:
-  """Draws S hard samples of q (logits of images [B, H, W, C]) and scores them.
-
-  With trained_likelihood, also under the likelihood stage 2 trains on (the
-  same as the proper one unless the model follows the authors' convention).
-  """
-  (pres, where, what), log_q = hard_sample(key, q, num_samples)
-  canvases, maps = canvas_lib.render_steps(model.grid, bank, pres, where, what, model.prior.history)
-  flat = lambda x: x.reshape(-1, *x.shape[2:])
-  steps = model.prior.num_steps
-  p = model.prior.apply(
-    {'params': variables['params']['prior']},
-    *map(flat, canvas_lib.states_before(canvases, maps)),
-    jnp.arange(steps),
-  )
-  log_pz = losses.prior_sequence_log_prob(p, flat(pres), flat(where), flat(what))
-  out, _ = decode(model, variables, flat(canvases[:, :, -1]), train=False)
-  repeated = jnp.broadcast_to(images, (num_samples, *images.shape))
-  log_px = -distributions.nll(model.likelihood, out, flat(repeated), model.num_mixtures)
-  log_px_trained = None
-  if trained_likelihood:
-    authors = model.likelihood_convention == 'authors'
-    trained = -reconstruction_loss(model, out, flat(repeated)) if authors else log_px
-    log_px_trained = trained.reshape(num_samples, -1)
-  return ScoredSamples(
-    pres=flat(pres),
-    prior_logits=p,
-    log_q=log_q,
-    log_pz=log_pz.reshape(num_samples, -1),
-    log_px=log_px.reshape(num_samples, -1),
-    log_px_trained=log_px_trained,
-  )
-
-
-def log_importance_weights(
-  model: NPDraw,
-  variables: dict,
-  bank: jax.Array,
-  q: dict,
-  images: jax.Array,
-  key,
-  num_samples,
-  authors: bool = False,
-) -> dict[str, jax.Array]:
-  """Log-weights of S hard samples, [S, B] each.
-
-  'iwae': log p(x | z_s) + log p(z_s) - log q(z_s | x); with `authors` also
-  'authors': log p(x | z_s) - KL(q || p_s), the stage-2 KL (prior_kl) with p_s
-  the prior run on the history of z_s (the NP-DRAW authors' weights, spec
-  section 11), with p(x | z_s) the likelihood stage 2 trains on (theirs under
-  the authors' convention).
-  """
-  scored = score_hard_samples(model, variables, bank, q, images, key, num_samples, authors)
-  weights = {'iwae': scored.log_px + scored.log_pz - scored.log_q}
-  if authors:
-    q_per_sample = jax.tree.map(
-      lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)).reshape(-1, *x.shape[1:]), q
-    )
-    kl = prior_kl(q_per_sample, scored.prior_logits, scored.pres.astype(jnp.float32))
-    weights['authors'] = scored.log_px_trained - kl.reshape(num_samples, -1)
-  return weights
-
-
-def samples_drawn(sample_counts: tuple[int, ...], authors_samples: int = 0) -> int:
-  """How many samples iwae_bounds draws: the bounds and the authors' estimate share them."""
-  return max(*sample_counts, authors_samples)
-
-
-def iwae_bounds(
-  model: NPDraw,
-  variables: dict,
-  bank: jax.Array,
-  images: jax.Array,
-  key: jax.Array,
-  sample_counts: tuple[int, ...],
-  chunk_size: int,
-  authors_samples: int = 0,
-) -> dict[str, jax.Array]:
-  """Per-image bounds on -log p(x) in nats at each S (losses.bounds_from_log_weights).
-
-  With authors_samples = S_a > 0 also f'nll_authors_{S_a}' [B], the NP-DRAW
-  authors' NLL estimate (spec section 11): -logmeanexp of their weights
-  (log_importance_weights) over the first S_a of the same samples. It is NOT a
-  bound on -log p(x) (the KL is not log q(z_s) - log p(z_s) of the sample):
-  report it only to compare with the authors' tables. samples_drawn(...)
-  samples are drawn, chunk_size per pass, which divides that number.
-  """
-  q, _ = encode(model, variables, images, train=False)
-  log_w = losses.draw_log_weights(
-    lambda k, n: log_importance_weights(
-      model, variables, bank, q, images, k, n, authors=bool(authors_samples)
-    ),
-    key,
-    samples_drawn(sample_counts, authors_samples),
-    chunk_size,
-  )
-  out = losses.bounds_from_log_weights(log_w['iwae'], sample_counts)
-  if authors_samples:
-    estimate = losses.negative_log_mean_exp(log_w['authors'], authors_samples)
-    out[f'nll_authors_{authors_samples}'] = estimate
-  return out

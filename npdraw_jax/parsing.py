@@ -1,4 +1,4 @@
-"""Heuristic parser: images -> step sequences (spec section 3).
+"""Heuristic parser: images -> step sequences (docs/model.md, section 3).
 
 For every grid location l the image patch x_l (zero-padded at the border) has
 a nearest part k_l and an energy e_l (its mean intensity).

@@ -1,4 +1,4 @@
-"""The part bank: k-means centres of image patches (spec section 2).
+"""The part bank: k-means centres of image patches (docs/model.md, section 2).
 
 Patches come from a dense grid over the training images at canvas resolution;
 near-empty ones are dropped and a random subset is clustered. Seeding

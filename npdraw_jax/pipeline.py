@@ -21,15 +21,6 @@ PARSES_FILE = 'parses.npz'
 SPLITS = ('train', 'test')
 
 
-def grid_from_config(config: ml_collections.ConfigDict) -> canvas_lib.Grid:
-  """The canvas geometry a configuration asks for."""
-  return canvas_lib.Grid(
-    canvas_size=config.data.canvas_size,
-    patch_size=config.model.patch_size,
-    stride=config.model.location_stride,
-  )
-
-
 def bank_settings(config: ml_collections.ConfigDict) -> dict:
   """Everything the part bank depends on (not where the data is cached)."""
   data = config.data.to_dict()
@@ -128,7 +119,7 @@ def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.n
       'run the bank stage first (--stages=bank,parse).'
     )
   bank = partbank.load(bank_path)
-  grid = grid_from_config(config)
+  grid = canvas_lib.grid_from_config(config)
   arrays = {}
   for name in SPLITS:
     split = input_pipeline.load_split(config.data, name)

@@ -1,4 +1,4 @@
-"""Ancestral sampling from the prior (spec section 4).
+"""Ancestral sampling from the prior (docs/model.md, section 4).
 
 `make_sampler` keeps a key/value cache and the running canvas: each step runs
 the Transformer on one token and pastes one part, all inside one `lax.scan`
@@ -66,14 +66,6 @@ def _draw(grid, bank, canvas, location_map, pres, where, what, history):
   return jnp.where(drawn, jnp.maximum(canvas, part), canvas), jnp.maximum(location_map, box)
 
 
-def _render_sampled(grid, bank, pres, where, what, history):
-  """Canvases and location maps after every step of sampled sequences [B, T], as
-  the cached sampler builds them step by step."""
-  canvases, _ = canvas_lib.render_steps(grid, bank, pres, where, what)
-  steps = canvas_lib.sampled_boxes(grid, pres, where, history, bank.dtype)
-  return canvases, jax.lax.cummax(steps, axis=1)
-
-
 def make_sampler(
   model: prior_lib.Prior, grid: canvas_lib.Grid, batch_size: int, top_k: int = 0
 ) -> Callable[..., Samples]:
@@ -127,7 +119,7 @@ def make_naive_sampler(
     def step(t, sequence):
       pres, where, what = sequence
       # Steps >= t are undrawn, so the canvases before steps <= t are exact.
-      canvases, maps = _render_sampled(grid, bank, pres, where, what, model.history)
+      canvases, maps = canvas_lib.render_sampled_steps(grid, bank, pres, where, what, model.history)
       logits = model.apply(
         {'params': params}, *canvas_lib.states_before(canvases, maps), jnp.arange(num_steps)
       )
@@ -136,7 +128,7 @@ def make_naive_sampler(
       return tuple(s.at[:, t].set(d) for s, d in zip(sequence, drawn, strict=True))
 
     pres, where, what = jax.lax.fori_loop(0, num_steps, step, init)
-    canvases, maps = _render_sampled(grid, bank, pres, where, what, model.history)
+    canvases, maps = canvas_lib.render_sampled_steps(grid, bank, pres, where, what, model.history)
     logits = model.apply(
       {'params': params}, *canvas_lib.states_before(canvases, maps), jnp.arange(num_steps)
     )

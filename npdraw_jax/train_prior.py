@@ -183,7 +183,7 @@ def check_recorded_settings(
   """Raises when DIR/prior holds checkpoints of other settings; writes nothing."""
   checkpointing.check_settings(
     os.path.join(workdir, STAGE),
-    checkpoint_settings(config, pipeline.grid_from_config(config).num_locations),
+    checkpoint_settings(config, canvas_lib.grid_from_config(config).num_locations),
     training_settings(config),
     allow_changed_settings,
   )
@@ -210,7 +210,7 @@ def open_trained(
 ) -> checkpointing.Checkpoints:
   """DIR/prior's checkpoints, read-only, checked to be of this configuration and
   trained to prior.train_steps; a MissingArtifactError naming the stage otherwise."""
-  grid = pipeline.grid_from_config(config)
+  grid = canvas_lib.grid_from_config(config)
   checkpoints = open_checkpoints(config, workdir, grid, allow_changed_settings, read_only=True)
   step = checkpoints.latest_step()
   if step is None or step < config.prior.train_steps:
@@ -227,7 +227,7 @@ def restore_trained_params(
 ):
   """The trained prior's parameters (replicated), for the later stages; reads only."""
   checkpoints = open_trained(config, workdir, allow_changed_settings)
-  grid = pipeline.grid_from_config(config)
+  grid = canvas_lib.grid_from_config(config)
   model = prior_lib.make_prior(config, grid.num_locations)
   p = config.prior
   schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
@@ -266,7 +266,7 @@ def train_and_evaluate(
   allow_changed_settings: continue DIR/prior's checkpoints under training
   settings other than those recorded (else that is an error).
   """
-  grid = pipeline.grid_from_config(config)
+  grid = canvas_lib.grid_from_config(config)
   train_parses = load_parses(config, workdir, 'train')  # Current parses imply a current bank.
   test_parses = load_parses(config, workdir, 'test')
   bank_host = partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts

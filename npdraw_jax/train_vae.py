@@ -1,4 +1,4 @@
-"""Stage 2: encoder and decoder against the frozen prior (spec section 7).
+"""Stage 2: encoder and decoder against the frozen prior (docs/model.md, section 7).
 
   train_and_evaluate(config, workdir)
 
@@ -22,7 +22,10 @@ import optax
 from absl import logging
 
 from npdraw_jax import (
+  bound,
+  canvas,
   checkpointing,
+  errors,
   input_pipeline,
   npdraw,
   partbank,
@@ -70,9 +73,7 @@ def checkpoint_settings(config: ml_collections.ConfigDict) -> dict:
   """What a stage-2 checkpoint must agree with: the prior's and the nets' shapes."""
   m = config.model
   return {
-    'prior': train_prior.checkpoint_settings(
-      config, pipeline.grid_from_config(config).num_locations
-    ),
+    'prior': train_prior.checkpoint_settings(config, canvas.grid_from_config(config).num_locations),
     'image_size': config.data.image_size,
     'model': {
       k: m[k]
@@ -228,16 +229,16 @@ def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestC
   computed as the eval stage computes it on the test split, over the whole
   held-out split.
   """
-  from npdraw_jax import evaluate  # Not at the top: evaluate imports this module.
-
   num_samples = config.vae.holdout_iwae_samples
-  evaluate.sample_chunk(num_samples, config.eval.chunk_size, 'vae.holdout_iwae_samples')
-  holdout = input_pipeline.load_split(config.data, 'holdout')  # Whole, as evaluate.run's test.
-  eval_step = evaluate.make_eval_step(model, mesh, (num_samples,), config.eval.chunk_size)
+  bound.sample_chunk(num_samples, config.eval.chunk_size, 'vae.holdout_iwae_samples')
+  holdout = input_pipeline.load_split(
+    config.data, 'holdout'
+  )  # Whole, as the eval stage's test split.
+  eval_step = bound.make_eval_step(model, mesh, (num_samples,), config.eval.chunk_size)
 
   def evaluate_holdout(state: TrainState) -> dict[str, float]:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    summary = evaluate.test_bounds(
+    summary = bound.test_bounds(
       config,
       holdout,
       mesh,
@@ -312,3 +313,78 @@ def train_and_evaluate(
   checkpoints.close()
   metrics_log.close()
   return state
+
+
+# --- The finished stage, read back ------------------------------------------------
+
+
+def _open_trained_vae(config, workdir, allow_changed_settings):
+  """(checkpoints, best or None) of the finished stage 2, read-only; clear
+  errors naming the stage to run when an upstream output is missing."""
+  # The parses list every training example: no need to load the images.
+  num_train = len(train_prior.load_parses(config, workdir, 'train')['pres'])
+  train_prior.open_trained(config, workdir, allow_changed_settings).close()
+  checkpoints = open_checkpoints(config, workdir, allow_changed_settings, read_only=True)
+  wanted = num_train_steps(config, num_train)
+  if (checkpoints.latest_step() or 0) < wanted:
+    checkpoints.close()
+    raise errors.MissingArtifactError(
+      f'The eval stage needs the VAE trained to step {wanted} in {checkpoints.directory} '
+      f'(found: {checkpoints.latest_step()}): run the vae stage first.'
+    )
+  best = None
+  if config.data.holdout_size > 0:
+    best = open_best_checkpoint(workdir, read_only=True)
+    if best.best() is None:
+      best.close()
+      best = None
+  return checkpoints, best
+
+
+def evaluated_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+) -> dict:
+  """{'which': 'best' or 'last', 'step'} of the VAE checkpoint that the eval
+  stage (and restore_trained_model) uses; reads only."""
+  checkpoints, best = _open_trained_vae(config, workdir, allow_changed_settings)
+  chosen = (
+    {'which': 'last', 'step': checkpoints.latest_step()}
+    if best is None
+    else {'which': 'best', 'step': best.best()[0]}
+  )
+  if best:
+    best.close()
+  checkpoints.close()
+  return chosen
+
+
+def restore_trained_model(
+  config: ml_collections.ConfigDict, workdir: str, mesh, allow_changed_settings: bool = False
+):
+  """(model, state) of the finished stage 2; a clear error when it is not.
+
+  The state is the VAE checkpoint with the best held-out bound when
+  data.holdout_size > 0 and one was kept, else the last; the log says which.
+  Reads only: nothing in workdir is written.
+  """
+  checkpoints, best = _open_trained_vae(config, workdir, allow_changed_settings)
+  model = npdraw.make_model(config)
+  prior_params = train_prior.restore_trained_params(config, workdir, mesh, allow_changed_settings)
+  init_fn = make_init_fn(config, model, prior_params)
+  if best is None:
+    logging.info('Using the last VAE checkpoint, step %d.', checkpoints.latest_step())
+    state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
+  else:
+    found = best.best()
+    logging.info(
+      'Using the VAE checkpoint with the best held-out bound: step %d, held-out %s %.4f '
+      '(the last checkpoint is step %d).',
+      found[0],
+      best.metric,
+      found[1],
+      checkpoints.latest_step(),
+    )
+    state = best.restore(train_lib.abstract_state(init_fn, mesh))
+    best.close()
+  checkpoints.close()
+  return model, state

@@ -149,23 +149,8 @@ class RenderTest(chex.TestCase, parameterized.TestCase):
 
 
 class FinalCanvasTest(parameterized.TestCase):
-  @parameterized.parameters(1, 2, 3, 7, 36, 37, 64)
-  def test_last_of_cummax_is_bit_equal_to_cummax_with_ties(self, steps):
-    rng = np.random.default_rng(steps)
-    # Rounded and clipped at 0, so most pixels tie, as undrawn canvas pixels do.
-    x = np.maximum(rng.normal(size=(3, steps, 4, 5)), 0).round(1).astype(np.float32)
-    cotangent = rng.normal(size=(3, 4, 5)).astype(np.float32)
-
-    def through(last):
-      return jax.jit(jax.value_and_grad(lambda x: jnp.vdot(last(x), cotangent)))(x)
-
-    want = through(lambda x: jax.lax.cummax(x, axis=1)[:, -1])
-    got = through(lambda x: canvas.last_of_cummax(x, axis=1))
-    chex.assert_trees_all_equal(got, want)
-    np.testing.assert_array_equal(canvas.last_of_cummax(x, 1), x.max(axis=1))
-
-  @parameterized.parameters(True, False)
-  def test_render_relaxed_is_the_last_step_with_its_gradients(self, where_gradient):
+  @parameterized.product(where_gradient=(True, False), kernels=('cpu', 'plain'))
+  def test_render_relaxed_is_the_last_step_with_its_gradients(self, where_gradient, kernels):
     bank, pres, where, what = random_drawing(5)
     rng = np.random.default_rng(6)
     where_soft = rng.dirichlet(np.ones(GRID.num_locations), size=(3, T)).astype(np.float32)
@@ -182,7 +167,7 @@ class FinalCanvasTest(parameterized.TestCase):
       )
 
     want = through(lambda *a: canvas.render_relaxed_steps(*a)[0][:, -1])
-    got = through(canvas.render_relaxed)
+    got = through(lambda *a: canvas.render_relaxed(*a, kernels=kernels))
     chex.assert_trees_all_equal(got, want)
 
 

@@ -10,7 +10,7 @@ from absl.testing import absltest
 from scipy import special
 
 from configs import tiny
-from npdraw_jax import evaluate, fid, npdraw, sharding
+from npdraw_jax import bound, fid, npdraw, sharding
 from npdraw_jax.models import inception
 
 
@@ -22,7 +22,7 @@ class SummariseTest(absltest.TestCase):
       'nll_iwae_8': rng.normal(90, 5, 40),
       'elbo': rng.normal(110, 5, 40),
     }
-    out = evaluate.summarise(per_image, num_dims=784, is_8bit=True)
+    out = bound.summarise(per_image, num_dims=784, is_8bit=True)
     self.assertEqual(out['iwae_samples'], 8)
     self.assertEqual(out['test_images'], 40)
     self.assertEqual(out['nll_iwae'], out['nll_iwae_8'])
@@ -33,7 +33,7 @@ class SummariseTest(absltest.TestCase):
       out['bits_per_dim_1'], per_image['nll_iwae_1'].mean() / 784 / math.log(2)
     )
     self.assertAlmostEqual(out['bits_per_dim'], out['bits_per_dim_8'])
-    self.assertNotIn('bits_per_dim', evaluate.summarise(per_image, 784, is_8bit=False))
+    self.assertNotIn('bits_per_dim', bound.summarise(per_image, 784, is_8bit=False))
 
 
 def _bernoulli_kl(q_logit, p_logit):
@@ -93,7 +93,7 @@ class AuthorsNllTest(absltest.TestCase):
     bank = jax.random.uniform(jax.random.key(3), (16, 4, 4, 1))
     # One IWAE sample asked for: the authors' S samples are drawn anyway.
     out = jax.jit(
-      lambda key: npdraw.iwae_bounds(model, variables, bank, images, key, (1,), 2, num_samples)
+      lambda key: bound.iwae_bounds(model, variables, bank, images, key, (1,), 2, num_samples)
     )(jax.random.key(4))
     estimate = np.asarray(out[f'nll_authors_{num_samples}'], np.float64)
     mean_weight = np.exp(256 * np.log(2) - estimate)
@@ -114,7 +114,7 @@ class SharedSamplesTest(absltest.TestCase):
     images = (jax.random.uniform(jax.random.key(1), (8, 16, 16, 1)) < 0.3).astype(jnp.float32)
     bank = jax.random.uniform(jax.random.key(2), (16, 4, 4, 1))
     bounds = jax.jit(
-      lambda authors: npdraw.iwae_bounds(
+      lambda authors: bound.iwae_bounds(
         model, variables, bank, images, jax.random.key(3), (1, 4), 2, authors
       ),
       static_argnums=0,
@@ -134,7 +134,7 @@ class SharedSamplesTest(absltest.TestCase):
       ((1, 8), -1, 'eval.authors_samples'),
     ):
       with self.assertRaisesRegex(ValueError, field):
-        evaluate.make_eval_step(model, mesh, counts, 4, authors)
+        bound.make_eval_step(model, mesh, counts, 4, authors)
 
 
 class FeatureMomentsTest(absltest.TestCase):
@@ -149,7 +149,7 @@ class FeatureMomentsTest(absltest.TestCase):
 
     images = rng.uniform(size=(23, 4, 4, 3)).astype(np.float32)
     batches = (images[i : i + 10] for i in range(0, 23, 10))
-    mean, covariance = fid.mean_and_covariance(evaluate.feature_moments(features_fn, batches, 10))
+    mean, covariance = fid.mean_and_covariance(fid.feature_moments(features_fn, batches, 10))
     features = images.reshape(23, -1).astype(np.float64) @ projection
     np.testing.assert_allclose(mean, features.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(covariance, np.cov(features, rowvar=False), rtol=1e-4, atol=1e-5)
@@ -171,7 +171,7 @@ class FidBinarizeTest(absltest.TestCase):
     def batches(images):
       return (images[i : i + 10] for i in range(0, 40, 10))
 
-    evaluate.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=0)
+    fid.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=0)
     seen_fake, seen_real = np.concatenate(seen[:4]), np.concatenate(seen[4:])
     for images, probabilities in ((seen_fake, fake), (seen_real, real)):
       self.assertContainsSubset(set(np.unique(images)), {0.0, 1.0})
@@ -184,14 +184,14 @@ class FidBinarizeTest(absltest.TestCase):
         self.assertLess(abs(images[pixels].mean() - p.mean()), 4 * stderr)
     # Repeatable per seed; another seed draws other pixels.
     seen.clear()
-    evaluate.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=0)
+    fid.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=0)
     np.testing.assert_array_equal(np.concatenate(seen[:4]), seen_fake)
     seen.clear()
-    evaluate.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=1)
+    fid.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=1)
     self.assertGreater(np.mean(np.concatenate(seen[:4]) != seen_fake), 0.1)
     # Off: the images as they are.
     seen.clear()
-    evaluate.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=None)
+    fid.images_fid(features_fn, batches(fake), batches(real), 10, binarize_seed=None)
     np.testing.assert_array_equal(np.concatenate(seen[:4]), fake)
     np.testing.assert_array_equal(np.concatenate(seen[4:]), real)
 

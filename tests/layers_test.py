@@ -1,5 +1,5 @@
-"""Transposed convolution by phases, 1x1 convolutions and folded pairs of them against
-flax's, and bfloat16 compute against float32."""
+"""The ConvTranspose layer against flax's in both kernel forms (the kernels themselves:
+platform_kernels_test.py), PyTorch's batch norm, and bfloat16 compute against float32."""
 
 import functools
 import itertools
@@ -20,21 +20,19 @@ from npdraw_jax.models import layers
 
 
 class ConvTransposeTest(parameterized.TestCase):
-  @parameterized.parameters(
-    (4, 2, False),
-    (3, 2, False),
-    (5, 2, False),
-    (2, 2, False),
-    (4, 3, False),
-    (3, 1, False),
-    (2, 2, True),
-    (3, 3, True),  # kernel == stride: every phase is 1x1, one matmul.
-    (1, 1, False),
+  @parameterized.product(
+    (
+      dict(kernel=4, stride=2, use_bias=False),
+      dict(kernel=3, stride=2, use_bias=False),
+      dict(kernel=2, stride=2, use_bias=True),
+      dict(kernel=3, stride=3, use_bias=True),  # kernel == stride: every phase is 1x1.
+    ),
+    kernels=('cpu', 'plain'),
   )
-  def test_values_and_gradients_equal_flax(self, kernel, stride, use_bias):
+  def test_values_and_gradients_equal_flax(self, kernel, stride, use_bias, kernels):
     x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
     flax_layer = nn.ConvTranspose(4, (kernel, kernel), strides=(stride, stride), use_bias=use_bias)
-    ours = layers.ConvTranspose(4, kernel, stride, use_bias)
+    ours = layers.ConvTranspose(4, kernel, stride, use_bias, kernels=kernels)
     params = ours.init(jax.random.key(1), x)
     # Same parameter tree and initial values, so checkpoints carry over.
     chex.assert_trees_all_equal(params, flax_layer.init(jax.random.key(1), x))
@@ -45,76 +43,6 @@ class ConvTransposeTest(parameterized.TestCase):
 
     want = jax.value_and_grad(objective(flax_layer), argnums=(0, 1))(params, x)
     got = jax.jit(jax.value_and_grad(objective(ours), argnums=(0, 1)))(params, x)
-    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
-
-  @parameterized.parameters(2, 3)
-  def test_phase_convolutions_equal_lax_when_kernel_equals_stride(self, stride):
-    # The model takes one matmul for these; the per-phase path is the benchmarks' baseline.
-    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
-    kernel = jax.random.normal(jax.random.key(1), (stride, stride, 3, 4))
-    want = jax.lax.conv_transpose(
-      x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-    )
-    got = layers._phase_convolutions(x, kernel, stride)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-  def test_kernel_smaller_than_stride(self):
-    with self.assertRaisesRegex(ValueError, 'empty'):
-      layers.conv_transpose(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 1, 1, 1)), 2)
-
-
-class PointwiseConvTest(parameterized.TestCase):
-  @parameterized.parameters(
-    (1, 'SAME', 4),
-    (1, 'VALID', 6),
-    (1, 0, 3),
-    (3, 1, 4),  # Not 1x1: lax's own convolution.
-  )
-  def test_values_and_gradients_equal_lax(self, kernel, padding, batch):
-    x = jax.random.normal(jax.random.key(0), (batch, 5, 6, 3))
-    make = functools.partial(nn.Conv, 4, (kernel, kernel), padding=padding)
-    ours, plain = make(conv_general_dilated=layers.conv_general_dilated), make()
-    params = plain.init(jax.random.key(1), x)
-    projection = jax.random.normal(jax.random.key(2), plain.apply(params, x).shape)
-
-    def objective(layer):
-      return lambda p, x: jnp.sum(layer.apply(p, x) * projection)
-
-    want = jax.value_and_grad(objective(plain), argnums=(0, 1))(params, x)
-    got = jax.jit(jax.value_and_grad(objective(ours), argnums=(0, 1)))(params, x)
-    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-class PointwisePairTest(parameterized.TestCase):
-  @parameterized.parameters(True, False)
-  def test_parameters_values_and_gradients_equal_two_flax_convs(self, second_bias):
-    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
-
-    class TwoConvs(nn.Module):
-      @nn.compact
-      def __call__(self, x):
-        hidden = nn.Conv(7, (1, 1))
-        return nn.Conv(4, (1, 1), use_bias=second_bias)(hidden(x))
-
-    class Folded(nn.Module):
-      @nn.compact
-      def __call__(self, x):
-        first = layers.PointwiseParams(3, 7, name='Conv_0')()
-        second = layers.PointwiseParams(7, 4, second_bias, name='Conv_1')()
-        return layers.pointwise_pair(x, first, second, jnp.float32)
-
-    params = TwoConvs().init(jax.random.key(1), x)
-    # Same tree and initial values as the two layers make, so checkpoints carry over.
-    chex.assert_trees_all_equal(Folded().init(jax.random.key(1), x), params)
-    # Non-zero biases, so that b0 W1 + b1 is exercised.
-    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(3), p.shape), params)
-    projection = jax.random.normal(jax.random.key(2), (2, 5, 6, 4))
-
-    def objective(layer):
-      return lambda p, x: jnp.sum(layer.apply(p, x) * projection)
-
-    want = jax.value_and_grad(objective(TwoConvs()), argnums=(0, 1))(params, x)
-    got = jax.jit(jax.value_and_grad(objective(Folded()), argnums=(0, 1)))(params, x)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""The authors' encoder and decoder (spec section 11) against hand counts and NumPy references."""
+"""The authors' encoder and decoder (docs/model.md, section 11) against hand counts and NumPy."""
 
 import math
 import types

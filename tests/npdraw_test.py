@@ -9,6 +9,7 @@ from scipy import stats
 
 from configs import tiny
 from npdraw_jax import (
+  bound,
   canvas,
   input_pipeline,
   losses,
@@ -62,7 +63,7 @@ class KLTest(absltest.TestCase):
 
     @jax.jit
     def both_estimates(key):
-      (pres, where, what), log_q = npdraw.hard_sample(key, q, num_samples)
+      (pres, where, what), log_q = bound.hard_sample(key, q, num_samples)
       pres, where, what = (x[:, 0] for x in (pres, where, what))
       canvases, maps = canvas.render_steps(model.grid, bank, pres, where, what)
       p = model.prior.apply(
@@ -148,7 +149,7 @@ class TrainStepTest(absltest.TestCase):
 
 
 class ImportanceWeightedBoundTest(absltest.TestCase):
-  """Properties of npdraw.iwae_bounds on a tiny model with random parameters."""
+  """Properties of bound.iwae_bounds on a tiny model with random parameters."""
 
   @classmethod
   def setUpClass(cls):
@@ -167,7 +168,7 @@ class ImportanceWeightedBoundTest(absltest.TestCase):
   @classmethod
   def bounds(cls, counts, chunk):
     run = jax.jit(
-      lambda key: npdraw.iwae_bounds(
+      lambda key: bound.iwae_bounds(
         cls.model, cls.variables, cls.bank, cls.copies, key, counts, chunk
       )
     )
@@ -208,7 +209,7 @@ class ImportanceWeightedBoundTest(absltest.TestCase):
     out_layer['bias'][:] = 0.7
     variables = {'params': params, 'batch_stats': variables['batch_stats']}
     images = (jax.random.uniform(jax.random.key(7), (3, 16, 16, 1)) < 0.4).astype(jnp.float32)
-    out = npdraw.iwae_bounds(model, variables, self.bank, images, jax.random.key(8), (1, 8), 4)
+    out = bound.iwae_bounds(model, variables, self.bank, images, jax.random.key(8), (1, 8), 4)
     expected = -stats.bernoulli.logpmf(np.asarray(images), 1 / (1 + np.exp(-0.7))).sum((1, 2, 3))
     for name in ('nll_iwae_1', 'nll_iwae_8', 'elbo'):
       np.testing.assert_allclose(out[name], expected, rtol=1e-5, err_msg=name)

@@ -9,7 +9,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from configs import celeba, mnist, tiny
-from npdraw_jax import canvas, losses, pipeline, sampling, train_prior
+from npdraw_jax import canvas, losses, sampling, train_prior
 from npdraw_jax.models import prior as prior_lib
 
 GRID = canvas.Grid(canvas_size=12, patch_size=4, stride=4)  # L = 9.
@@ -57,7 +57,7 @@ def count_params(params):
   return sum(x.size for x in jax.tree.leaves(params))
 
 
-# --- The authors' prior, recomputed in NumPy from its layer list (spec section 11).
+# --- The authors' prior, recomputed in NumPy from its layer list (docs/model.md, section 11).
 
 
 def _dense(params, x):
@@ -155,7 +155,7 @@ class AuthorsPriorTest(parameterized.TestCase):
   ):
     config = get_config()
     self.assertEqual(config.model.networks, 'authors')
-    grid = pipeline.grid_from_config(config)
+    grid = canvas.grid_from_config(config)
     self.assertEqual(
       (config.model.T, config.model.K, grid.num_locations, config.data.canvas_size),
       (steps, parts, locations, side),
@@ -169,11 +169,11 @@ class AuthorsPriorTest(parameterized.TestCase):
     self.assertEqual(count_params(shapes['params']), want)
     self.assertAlmostEqual(want / 1e6, millions, delta=0.05)  # The spec's size check.
 
-  # Heads of 8 in width 16 run as written; of 16, folded (prior.folds_heads).
-  @parameterized.parameters(8, 16)
-  def test_logits_equal_a_numpy_forward_of_the_layer_list(self, head_dim):
-    self.assertEqual(prior_lib.folds_heads(16, head_dim), head_dim == 16)
-    model = small_prior('authors', head_dim=head_dim)
+  # Heads of 8 in width 16 run as written; of 16, folded in the 'cpu' form
+  # (platform_kernels.folds_heads).
+  @parameterized.product(head_dim=(8, 16), kernels=('cpu', 'plain'))
+  def test_logits_equal_a_numpy_forward_of_the_layer_list(self, head_dim, kernels):
+    model = small_prior('authors', head_dim=head_dim, kernels=kernels)
     params = init_params(model)
     canvases, maps = random_states(0)
     got = model.apply({'params': params}, canvases, maps, jnp.arange(T))

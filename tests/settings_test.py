@@ -153,7 +153,7 @@ class ChangedSettingsTest(absltest.TestCase):
     before = snapshot(workdir)
     config = tiny_run.config()
     train_prior.restore_trained_params(config, workdir, sharding.make_mesh())
-    evaluate.evaluated_checkpoint(config, workdir)
+    train_vae.evaluated_checkpoint(config, workdir)
     train_prior.train_and_evaluate(config, workdir)  # Finished: trains no step.
     after = snapshot(workdir)
     self.assertEqual({k: after[k] for k in records}, {k: before[k] for k in records})

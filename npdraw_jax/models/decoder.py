@@ -1,4 +1,4 @@
-"""The decoder p(x | canvas): canvas -> likelihood parameters (spec section 6).
+"""The decoder p(x | canvas): canvas -> likelihood parameters (docs/model.md, section 6).
 
 Two stride-2 ConvBN layers, two residual blocks, two stride-2 transposed
 ConvBN layers, one more when the image is twice the canvas (CelebA), then a
@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from npdraw_jax import platform_kernels
 from npdraw_jax.models import layers
 
 
@@ -26,13 +27,15 @@ def _check_upsample(upsample: int) -> None:
 class Decoder(nn.Module):
   """canvas [B, Hc, Wc, C] -> parameters [B, H, W, out_channels], float32.
 
-  Computes in `dtype` (parameters stay float32).
+  Computes in `dtype` (parameters stay float32), its transposed convolutions
+  in the `kernels` form (platform_kernels.FORMS).
   """
 
   features: int
   out_channels: int
   upsample: int = 1  # Image side / canvas side: 1 or 2.
   dtype: Any = jnp.float32
+  kernels: str = 'cpu'
 
   @nn.compact
   def __call__(self, canvas: jax.Array, train: bool) -> jax.Array:
@@ -40,10 +43,11 @@ class Decoder(nn.Module):
     _check_upsample(self.upsample)
     _, h, w, _ = canvas.shape
     x = layers.DownBody(self.features, dtype=self.dtype)(canvas, train)
-    x = layers.ConvBN(2 * self.features, transpose=True, dtype=self.dtype)(x, train)
-    x = layers.ConvBN(self.features, transpose=True, dtype=self.dtype)(x, train)
+    up = functools.partial(layers.ConvBN, transpose=True, dtype=self.dtype, kernels=self.kernels)
+    x = up(2 * self.features)(x, train)
+    x = up(self.features)(x, train)
     if self.upsample == 2:
-      x = layers.ConvBN(self.features, transpose=True, dtype=self.dtype)(x, train)
+      x = up(self.features)(x, train)
     # The likelihood is evaluated in float32.
     out = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(x).astype(jnp.float32)
     chex.assert_shape(out, (canvas.shape[0], h * self.upsample, w * self.upsample, None))
@@ -51,14 +55,15 @@ class Decoder(nn.Module):
 
 
 class AuthorsDecoder(nn.Module):
-  """The authors' decoder (spec section 11): canvas [B, Hc, Wc, C] -> [B, H, W, out_channels].
+  """The authors' decoder (docs/model.md, section 11): [B, Hc, Wc, C] -> [B, H, W, out_channels].
 
   Two conv4x4 stride 2 + BN + ReLU, two A-Res blocks, two transposed conv4x4
   stride 2 + BN + ReLU; when the image is twice the canvas, a transposed
   conv2x2 stride 2 + BN + ReLU and a conv1x1 (no activation); then a conv1x1
   to the likelihood's channels. Computes in `dtype` (parameters stay
   float32); the output is float32. Batch norms keep the running variance
-  `batch_norm_variance` of layers.TorchBatchNorm.
+  `batch_norm_variance` of layers.TorchBatchNorm. Transposed and 1x1
+  convolutions run in the `kernels` form (platform_kernels.FORMS).
   """
 
   features: int
@@ -67,34 +72,37 @@ class AuthorsDecoder(nn.Module):
   output_bias: bool = True  # The authors' mixture-of-logistics head has none.
   dtype: Any = jnp.float32
   batch_norm_variance: str = 'unbiased'  # PyTorch's; 'biased' is flax's.
+  kernels: str = 'cpu'
 
   @nn.compact
   def __call__(self, canvas: jax.Array, train: bool) -> jax.Array:
     chex.assert_rank(canvas, 4)
     _check_upsample(self.upsample)
     variance = layers.check_batch_norm_variance(self.batch_norm_variance)
-    f, dtype = self.features, self.dtype
-    conv_bn = functools.partial(layers.TorchConvBN, dtype=dtype, batch_norm_variance=variance)
+    f, dtype, kernels = self.features, self.dtype, self.kernels
+    conv_bn = functools.partial(
+      layers.TorchConvBN, dtype=dtype, batch_norm_variance=variance, kernels=kernels
+    )
     x = canvas
     for _ in range(2):
       x = conv_bn(f, kernel=4, strides=2, padding=1, use_bias=False)(x, train)
     for _ in range(2):
-      x = layers.AuthorsResBlock(dtype, variance)(x, train)
+      x = layers.AuthorsResBlock(dtype, variance, kernels)(x, train)
     for _ in range(2):
       x = conv_bn(f, kernel=4, strides=2, padding=1, use_bias=False, transpose=True)(x, train)
     if self.upsample == 2:
       x = conv_bn(f, kernel=2, strides=2, transpose=True)(x, train)
-      # The authors' conv1x1 (f -> f) and output conv1x1, combined by pointwise_pair.
+      # The authors' conv1x1 (f -> f) and output conv1x1, with nn.Conv's names.
       first = layers.PointwiseParams(f, f, name='Conv_0')()
       second = layers.PointwiseParams(f, self.out_channels, self.output_bias, name='Conv_1')()
-      out = layers.pointwise_pair(x, first, second, dtype)
+      out = platform_kernels.pointwise_pair(x, first, second, dtype, kernels)
     else:
       out = nn.Conv(
         self.out_channels,
         (1, 1),
         use_bias=self.output_bias,
         dtype=dtype,
-        conv_general_dilated=layers.conv_general_dilated,  # 1x1 as a matmul
+        conv_general_dilated=platform_kernels.conv_general_dilated(kernels),
       )(x)
     # The likelihood is evaluated in float32.
     out = out.astype(jnp.float32)

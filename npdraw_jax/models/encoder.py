@@ -1,4 +1,4 @@
-"""The posterior q(z | x): per-step logits of pres, where and what (spec section 5).
+"""The posterior q(z | x): per-step logits of pres, where and what (docs/model.md, section 5).
 
 A CNN body (stride-2 convolutions, batch norm, ReLU, residual blocks) and one
 of two heads predicting all T steps at once:
@@ -7,7 +7,7 @@ of two heads predicting all T steps at once:
   cell; step t is cell t in raster order (T must be a square).
 
 Two families: Encoder is this project's own ('ours'), AuthorsEncoder the
-authors' exact network (spec section 11, 'authors').
+authors' exact network (docs/model.md, section 11, 'authors').
 """
 
 import functools
@@ -83,7 +83,7 @@ def resize_to_grid(x: jax.Array, side: int) -> jax.Array:
 
 
 class AuthorsEncoder(nn.Module):
-  """The authors' encoder (spec section 11): x [B, H, W, C] -> logits as Encoder's, float32.
+  """The authors' encoder (docs/model.md, section 11): x [B, H, W, C] -> Encoder's logits, float32.
 
   'mlp' (their MNIST/Omniglot net): 4 x [conv3x3 stride 2 + BN + ReLU],
   flatten, dense + ReLU, then three heads: what and where each dense + ReLU +
@@ -91,7 +91,9 @@ class AuthorsEncoder(nn.Module):
   two conv4x4 stride 2 (the last without ReLU), two A-Res blocks, conv1x1;
   resized to sqrt(T) x sqrt(T), conv1x1 + BN + ReLU and a conv1x1 per output.
   Computes in `dtype` (parameters stay float32). Batch norms keep the running
-  variance `batch_norm_variance` of layers.TorchBatchNorm.
+  variance `batch_norm_variance` of layers.TorchBatchNorm. The 1x1
+  convolutions with batch norm (in the A-Res blocks and the 'fcn' head) run in
+  the `kernels` form (platform_kernels.FORMS).
   """
 
   num_steps: int
@@ -101,6 +103,7 @@ class AuthorsEncoder(nn.Module):
   head: str
   dtype: Any = jnp.float32
   batch_norm_variance: str = 'unbiased'  # PyTorch's; 'biased' is flax's.
+  kernels: str = 'cpu'
 
   def setup(self):
     _check_head(self.head, self.num_steps)
@@ -113,7 +116,9 @@ class AuthorsEncoder(nn.Module):
     steps, f, dtype = self.num_steps, self.features, self.dtype
     sizes = {'pres': 1, 'where': self.num_locations, 'what': self.num_parts}
     variance = self.batch_norm_variance
-    conv_bn = functools.partial(layers.TorchConvBN, dtype=dtype, batch_norm_variance=variance)
+    conv_bn = functools.partial(
+      layers.TorchConvBN, dtype=dtype, batch_norm_variance=variance, kernels=self.kernels
+    )
     if self.head == 'mlp':
       for _ in range(4):
         x = conv_bn(f, kernel=3, strides=2, padding=1)(x, train)
@@ -128,7 +133,7 @@ class AuthorsEncoder(nn.Module):
       x = conv_bn(f, kernel=4, strides=2, padding=1, use_bias=False)(x, train)
       x = conv_bn(f, kernel=4, strides=2, padding=1, use_bias=False, relu=False)(x, train)
       for _ in range(2):
-        x = layers.AuthorsResBlock(dtype, variance)(x, train)
+        x = layers.AuthorsResBlock(dtype, variance, self.kernels)(x, train)
       x = nn.Conv(f, (1, 1), dtype=dtype)(x)
       x = resize_to_grid(x, math.isqrt(steps))
       h = conv_bn(f, kernel=1)(x, train)

@@ -1,11 +1,11 @@
-"""The Transformer prior over drawing steps (spec section 4).
+"""The Transformer prior over drawing steps (docs/model.md, section 4).
 
 p(z) = prod_t p(pres_t, where_t, what_t | c_{t-1}, m_{t-1}, t). Token t embeds
 the state before step t (canvas and location map) with a small CNN; a causal
 pre-LayerNorm Transformer reads the tokens and three heads give the logits of
 step t. Two families, picked by config.model.networks:
 
-- 'authors' (AuthorsPrior): the reference prior of spec section 11. A learned
+- 'authors' (AuthorsPrior): the reference prior of docs/model.md, section 11. A learned
   class token opens the sequence and learned position embeddings are added.
 - 'ours' (OursPrior): this project's earlier prior, with a step embedding, a
   final LayerNorm and linear heads.
@@ -13,6 +13,8 @@ step t. Two families, picked by config.model.networks:
 Both take the same call. With `decode=True` the attention layers keep keys and
 values in the 'cache' collection and the model takes one token per call;
 `initial_cache` gives the cache before the first step (see sampling.py).
+Attention without a cache, dropout masks and GELU run in the `kernels` form
+(platform_kernels.FORMS); the parameters are the same in either.
 """
 
 import functools
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from npdraw_jax import canvas as canvas_lib
+from npdraw_jax import platform_kernels
 from npdraw_jax.models import dropout, layers
 
 # PyTorch's nn.LayerNorm default, which the authors' blocks use.
@@ -62,18 +65,6 @@ class AuthorsTokenCNN(nn.Module):
     return nn.Dense(self.d_model, dtype=self.dtype)(x.reshape(x.shape[0], -1))
 
 
-def folds_heads(width: int, head_dim: int) -> bool:
-  """Whether attention runs on the per-head products Wq Wk^T and Wv Wo.
-
-  Exact algebra: q.k = x (Wq Wk^T) x' and sum_h w_h v_h Wo_h = sum_h w_h x (Wv Wo)_h.
-  It replaces the four projections to head_dim by two to the input width, so
-  it saves multiply-adds when width < 2 head_dim: with the authors' 16 heads
-  of 64 in width 64 the prior's FLOPs drop by 28% and the MNIST stage-2 step
-  runs 1.12x faster (benchmarks/RESULTS.md).
-  """
-  return width < 2 * head_dim
-
-
 class _Projection(nn.Module):
   """The parameters of one nn.DenseGeneral, made and initialised as it makes them
   (lecun_normal on the flattened [inputs, outputs] kernel, zero bias), for the
@@ -105,8 +96,8 @@ class CausalSelfAttention(nn.Module):
   writes its keys and values into a 'cache' of max_length positions at their
   positions (one call's positions are consecutive) and its queries read the
   whole cache: slots not yet written lie at later positions, so the same mask
-  hides them. Without a cache, heads wider than half the input are folded
-  (folds_heads).
+  hides them. Without a cache, the 'cpu' form folds heads wider than half the
+  input (platform_kernels.folds_heads).
   """
 
   num_heads: int
@@ -114,6 +105,7 @@ class CausalSelfAttention(nn.Module):
   max_length: int
   decode: bool
   dtype: Any = jnp.float32
+  kernels: str = 'cpu'  # platform_kernels.FORMS.
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -127,18 +119,9 @@ class CausalSelfAttention(nn.Module):
     w_out, bias = _Projection((*heads, width), 2, use_bias=True, name='out')()
     visible = positions[:, None] >= positions[None, :]
     x = x.astype(self.dtype)
-    if not self.decode and folds_heads(width, self.head_dim):
-      scale = self.head_dim**-0.5
-      w_query_key = jnp.einsum('dhj,ehj->dhe', w_query, w_key * scale).astype(self.dtype)
-      w_value_out = jnp.einsum('ehj,hjf->hef', w_value, w_out).astype(self.dtype)
-      # (query, head) stay together as rows and every product contracts
-      # trailing axes, so XLA:CPU runs each as one matmul without transposes;
-      # mixing x before projecting costs what projecting first does.
-      query = jnp.einsum('bqd,dhe->bqhe', x, w_query_key)
-      logits = jnp.einsum('bqhe,bke->bqhk', query, x).astype(jnp.float32)
-      weights = self._softmax(logits, visible[:, None, :])
-      mixed = jnp.einsum('bqhk,bke->bqhe', weights, x)
-      y = jnp.einsum('bqhe,hef->bqf', mixed, w_value_out)
+    if not self.decode and platform_kernels.folds_heads(width, self.head_dim, self.kernels):
+      weights = lambda logits: self._softmax(logits, visible[:, None, :])
+      y = platform_kernels.folded_attention(x, w_query, w_key, w_value, w_out, weights)
     else:
       query, key, value = (
         jnp.einsum('bsd,dhj->bshj', x, w.astype(self.dtype)) for w in (w_query, w_key, w_value)
@@ -167,15 +150,6 @@ class CausalSelfAttention(nn.Module):
     return cached_key.value, cached_value.value
 
 
-def exact_gelu(x: jax.Array) -> jax.Array:
-  """PyTorch's exact GELU, 0.5 x (1 + erf(x / sqrt 2)).
-
-  nn.gelu(x, approximate=False) computes it through erfc, which makes the
-  prior's forward and backward on CPU 1.08x slower (benchmarks/RESULTS.md).
-  """
-  return 0.5 * x * (1 + jax.lax.erf(x * 2**-0.5))
-
-
 class AuthorsBlock(nn.Module):
   """x + Dropout(Attn(LN(x))), then x + FF(LN(x)), FF = Dense, GELU, Dropout, Dense, Dropout."""
 
@@ -186,19 +160,23 @@ class AuthorsBlock(nn.Module):
   max_length: int
   decode: bool
   dtype: Any = jnp.float32
+  kernels: str = 'cpu'  # platform_kernels.FORMS.
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, train: bool) -> jax.Array:
     layer_norm = functools.partial(
       nn.LayerNorm, epsilon=AUTHORS_LAYER_NORM_EPSILON, dtype=self.dtype
     )
-    drop = functools.partial(dropout.Dropout, self.dropout, deterministic=not train)
+    drop = functools.partial(
+      dropout.Dropout, self.dropout, deterministic=not train, kernels=self.kernels
+    )
     y = CausalSelfAttention(
-      self.num_heads, self.head_dim, self.max_length, self.decode, self.dtype
+      self.num_heads, self.head_dim, self.max_length, self.decode, self.dtype, self.kernels
     )(layer_norm()(x), positions)
     x = x + drop()(y)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype)(layer_norm()(x))
-    y = drop()(exact_gelu(y))
+    # PyTorch's exact GELU, as the authors' blocks use.
+    y = drop()(platform_kernels.exact_gelu(y, self.kernels))
     y = nn.Dense(x.shape[-1], dtype=self.dtype)(y)
     return x + drop()(y)
 
@@ -237,6 +215,7 @@ class AuthorsPrior(nn.Module):
     dtype: compute dtype (parameters stay float32; the logits are float32).
     history: which steps' boxes the location maps it reads hold
       (canvas.PRIOR_HISTORIES); whoever renders its input reads it here.
+    kernels: the form of its attention, dropout and GELU (platform_kernels.FORMS).
   """
 
   num_steps: int
@@ -252,6 +231,7 @@ class AuthorsPrior(nn.Module):
   decode: bool = False
   dtype: Any = jnp.float32
   history: str = 'drawn'
+  kernels: str = 'cpu'
 
   def setup(self):
     self.token_cnn = AuthorsTokenCNN(self.token_features, self.d_model, self.dtype)
@@ -261,7 +241,7 @@ class AuthorsPrior(nn.Module):
     self.position_embedding = self.param(
       'position_embedding', init, (self.num_steps**2 + 1, self.d_model)
     )
-    self.embedding_dropout = dropout.Dropout(self.dropout)
+    self.embedding_dropout = dropout.Dropout(self.dropout, kernels=self.kernels)
     self.blocks = [
       AuthorsBlock(
         self.num_heads,
@@ -271,6 +251,7 @@ class AuthorsPrior(nn.Module):
         self.num_steps + 1,
         self.decode,
         self.dtype,
+        self.kernels,
       )
       for _ in range(self.num_layers)
     ]
@@ -358,10 +339,14 @@ class Block(nn.Module):
   dropout: float
   decode: bool
   dtype: Any = jnp.float32
+  kernels: str = 'cpu'  # Of the residual dropouts' masks: platform_kernels.FORMS.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     d_model = x.shape[-1]
+    drop = functools.partial(
+      dropout.Dropout, self.dropout, deterministic=not train, kernels=self.kernels
+    )
     # In decode mode the cache itself masks the future.
     mask = None if self.decode else nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
     y = nn.MultiHeadDotProductAttention(
@@ -372,10 +357,10 @@ class Block(nn.Module):
       decode=self.decode,
       dtype=self.dtype,
     )(nn.LayerNorm(dtype=self.dtype)(x), mask=mask)
-    x = x + dropout.Dropout(self.dropout, deterministic=not train)(y)
+    x = x + drop()(y)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
     y = nn.Dense(d_model, dtype=self.dtype)(nn.gelu(y))
-    return x + dropout.Dropout(self.dropout, deterministic=not train)(y)
+    return x + drop()(y)
 
 
 class OursPrior(nn.Module):
@@ -396,6 +381,8 @@ class OursPrior(nn.Module):
     dtype: compute dtype (parameters stay float32; the logits are float32).
     history: which steps' boxes the location maps it reads hold
       (canvas.PRIOR_HISTORIES); whoever renders its input reads it here.
+    kernels: the form of its dropout masks (platform_kernels.FORMS); its
+      attention and GELU are flax's in either.
   """
 
   num_steps: int
@@ -411,6 +398,7 @@ class OursPrior(nn.Module):
   decode: bool = False
   dtype: Any = jnp.float32
   history: str = 'drawn'
+  kernels: str = 'cpu'
 
   @nn.compact
   def __call__(
@@ -423,11 +411,17 @@ class OursPrior(nn.Module):
     x = TokenCNN(self.token_features, self.d_model, self.dtype)(x.reshape(-1, *x.shape[2:]))
     x = x.reshape(batch, length, self.d_model)
     x = x + nn.Embed(self.num_steps, self.d_model, dtype=self.dtype)(steps)[None]
-    x = dropout.Dropout(self.dropout, deterministic=not train)(x)
+    x = dropout.Dropout(self.dropout, deterministic=not train, kernels=self.kernels)(x)
     for _ in range(self.num_layers):
-      x = Block(self.num_heads, self.head_dim, self.mlp_dim, self.dropout, self.decode, self.dtype)(
-        x, train
-      )
+      x = Block(
+        self.num_heads,
+        self.head_dim,
+        self.mlp_dim,
+        self.dropout,
+        self.decode,
+        self.dtype,
+        self.kernels,
+      )(x, train)
     x = nn.LayerNorm(dtype=self.dtype)(x)
     head = lambda size, name: nn.Dense(size, dtype=self.dtype, name=name)(x).astype(jnp.float32)
     return {
@@ -465,6 +459,7 @@ def make_prior(config: ml_collections.ConfigDict, num_locations: int) -> Prior:
     dropout=p.dropout,
     dtype=layers.compute_dtype(config.model.compute_dtype),
     history=canvas_lib.check_history(config.model.prior_history),
+    kernels=platform_kernels.resolve(config.model.kernels),
   )
 
 
