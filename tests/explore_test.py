@@ -16,12 +16,16 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import pytest
 import tiny_run
 from absl.testing import absltest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
 import npdraw_jax
+
+pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'

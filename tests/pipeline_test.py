@@ -7,12 +7,16 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
 from absl.testing import absltest
 from PIL import Image
 
 import references
 from configs import tiny
 from npdraw_jax import input_pipeline, pipeline
+
+pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

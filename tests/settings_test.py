@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 
 import numpy as np
+import pytest
 import tiny_run
 from absl.testing import absltest
 
@@ -28,6 +29,8 @@ from npdraw_jax import (
   train_prior,
   train_vae,
 )
+
+pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
 ALL_STAGES = ['bank', 'parse', 'prior', 'vae', 'eval']
 _finished = None  # This module's copy of the shared finished run, made by setUpModule.

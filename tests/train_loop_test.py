@@ -19,9 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import absltest
 
 from npdraw_jax import checkpointing, errors, interrupt, sharding, train_lib
+
+pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
 _NUM_STEPS = 20
 _LOG_EVERY = 2

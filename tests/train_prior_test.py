@@ -9,10 +9,14 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
 from configs import tiny
 from npdraw_jax import artifacts, partbank, pipeline, train_prior
+
+pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
+
 
 T = 16  # The tiny config: 16x16 canvas, p = s = 4, L = 16, K = 16.
 
