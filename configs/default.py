@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # served; 'threshold': binary at 0.5 once; 'none': grey levels / colour.
   config.data.binarize = 'dynamic'
 
-  # --- Part bank (docs/model.md, section 2) ----------------------------------------------
+  # --- Part bank (docs/model.md, section 2) -----------------------------------
   config.partbank = ml_collections.ConfigDict()
   config.partbank.extract_stride = 1  # Stride of the dense patch grid.
   config.partbank.empty_threshold = 0.1  # Drop patches whose mean is below; 0: off.
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.partbank.tol = 1e-4  # Stop when centre movement < tol * data variance.
   config.partbank.chunk_size = 8192  # Points per distance chunk (bounds memory).
 
-  # --- Structured latents (docs/model.md, section 1) -------------------------------------
+  # --- Structured latents (docs/model.md, section 1) --------------------------
   config.model = ml_collections.ConfigDict()
   config.model.K = 50  # Parts in the bank (reference MNIST 50).
   config.model.patch_size = 5  # p: side of a part (reference MNIST 5).
@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (reference: PyTorch's n / (n - 1) batch variance) | 'biased' (flax's).
   config.model.batch_norm_variance = 'unbiased'
 
-  # --- Heuristic parser (docs/model.md, section 3) ---------------------------------------
+  # --- Heuristic parser (docs/model.md, section 3) ----------------------------
   config.parse = ml_collections.ConfigDict()
   config.parse.order = 'raster'  # 'raster' (reference, T = L) | 'greedy'.
   # raster: a step is present when its patch's mean intensity exceeds this;
@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.parse.threshold = 0.1
   config.parse.batch_size = 1024  # Images parsed per compiled call.
 
-  # --- Stage 1: Transformer prior (docs/model.md, section 4) -------------------------------
+  # --- Stage 1: Transformer prior (docs/model.md, section 4) ------------------
   config.prior = ml_collections.ConfigDict()
   # Reference (section 11): width 64, 8 layers, 16 heads of 64, MLP 2048.
   config.prior.token_features = 16  # Channels of the canvas-token CNN.
@@ -122,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prior.sample_top_k = 0  # 0: sample from the whole distribution.
   config.prior.num_samples = 64  # Prior samples drawn into pictures.
 
-  # --- Stage 2: encoder and decoder (docs/model.md, sections 5-7) ------------------------
+  # --- Stage 2: encoder and decoder (docs/model.md, sections 5-7) -------------
   config.vae = ml_collections.ConfigDict()
   config.vae.batch_size = 500  # Reference MNIST 500.
   config.vae.lr = 1e-3  # Encoder; the decoder trains at 0.1 * lr (reference).
@@ -161,7 +161,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # checkpoint is kept beside the last and the eval stage uses it.
   config.vae.holdout_iwae_samples = 10
 
-  # --- Baseline of the low-data study (docs/model.md, section 9) -------------------------
+  # --- Baseline of the low-data study (docs/model.md, section 9) --------------
   # A plain VAE as the flax examples' MNIST VAE: one hidden ReLU layer in the
   # encoder and in the decoder, Gaussian latents, model.likelihood for the
   # pixels, and its own optimizer (Adam), batch and steps.
@@ -175,7 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.baseline.checkpoint_every = 1000
   config.baseline.keep_checkpoints = 3
 
-  # --- Evaluation (docs/model.md, section 8) ---------------------------------------------
+  # --- Evaluation (docs/model.md, section 8) ----------------------------------
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500  # Test images per compiled call (last one padded).
   # The values of S of the importance-weighted bound (reference 1, 50, 500,
