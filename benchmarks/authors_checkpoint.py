@@ -45,6 +45,7 @@ from benchmarks.authors_step import (
   SCRIPT_FLAGS,
   _residual_forward,
   _stack_as_in_torch_1_6,
+  their_prior,
 )
 
 # Flags of their scripts/train_cifar.sh that differ from the CelebA script's
@@ -240,30 +241,15 @@ def build_release(
 
 def _write_initial_prior(path: str, dataset: str, widths: Widths) -> None:
   """A prior.pt of their CNNHead at these widths, so that their strict loader accepts it."""
-  from model.modules import prior_sampler
-  from model.vit_prior import CNNHead
-
   flags = DATASET_FLAGS[dataset]
-  channels, parts = flags['cat_vae.canvas_dim'], flags['K']
-  locations = location_table(dataset, flags).shape[1]
-  prior = CNNHead(
-    rnn_hid=widths.prior_width,
-    input_dim=channels + 1,
-    sampler=prior_sampler(n_class_sel=parts, n_class_loc=locations),
-    pos_encode=0,
-    use_emb_enc=0,
-    activation='sigmoid_last_dim',
-    mask_out_prevloc_samples=0,
-    use_cnn_process=1,
-    concat_one_hot=0,
-    input_id_only=0,
-    canvasd=channels,
-    mlp_dim=PRIOR_FLAGS['vit_mlp_dim'],
-    depth=widths.prior_depth,
-    vit_dropout=1,
-    canvas_size=CANVAS_SIZE[dataset],
-    nloc=flags['vary_loc_vae.nloc'],
-    head_dims=[parts, locations, 1],
+  prior = their_prior(
+    flags['cat_vae.canvas_dim'],
+    flags['K'],
+    location_table(dataset, flags).shape[1],
+    widths.prior_width,
+    widths.prior_depth,
+    CANVAS_SIZE[dataset],
+    flags['vary_loc_vae.nloc'],
   )
   torch.save(prior.state_dict(), path)
 

@@ -127,11 +127,36 @@ CANVAS_SIZE = {'mnist': 28, 'celeba': 32}
 TRAINING_IMAGES = 1000  # rows of the random parse table that xid indexes
 
 
-def _write_prior_dir(directory: str, dataset: str) -> str:
-  """The files their loader reads beside prior.pt; returns prior.pt's path."""
+def their_prior(
+  channels: int, parts: int, locations: int, width: int, depth: int, canvas: int, steps: int
+):
+  """Their CNNHead (ViT prior), freshly initialised, with the flags their loader builds it with."""
   from model.modules import prior_sampler
   from model.vit_prior import CNNHead
 
+  return CNNHead(
+    rnn_hid=width,
+    input_dim=channels + 1,
+    sampler=prior_sampler(n_class_sel=parts, n_class_loc=locations),
+    pos_encode=0,
+    use_emb_enc=0,
+    activation='sigmoid_last_dim',
+    mask_out_prevloc_samples=0,
+    use_cnn_process=1,
+    concat_one_hot=0,
+    input_id_only=0,
+    canvasd=channels,
+    mlp_dim=PRIOR_FLAGS['vit_mlp_dim'],
+    depth=depth,
+    vit_dropout=1,
+    canvas_size=canvas,
+    nloc=steps,
+    head_dims=[parts, locations, 1],
+  )
+
+
+def _write_prior_dir(directory: str, dataset: str) -> str:
+  """The files their loader reads beside prior.pt; returns prior.pt's path."""
   flags = SCRIPT_FLAGS[dataset]
   rng = np.random.default_rng(0)
   steps, parts, patch = flags['vary_loc_vae.nloc'], flags['K'], flags['ww']
@@ -159,25 +184,14 @@ def _write_prior_dir(directory: str, dataset: str) -> str:
   prior_flags = dict(PRIOR_FLAGS, nloc=steps, k=parts, pw=patch, inputd=channels + 1)
   with open(os.path.join(directory, 'cfg.yml'), 'w') as f:
     yaml.safe_dump(prior_flags, f)
-  locations = table.shape[1]
-  prior = CNNHead(
-    rnn_hid=prior_flags['hidden_size_prior'],
-    input_dim=channels + 1,
-    sampler=prior_sampler(n_class_sel=parts, n_class_loc=locations),
-    pos_encode=0,
-    use_emb_enc=0,
-    activation='sigmoid_last_dim',
-    mask_out_prevloc_samples=0,
-    use_cnn_process=1,
-    concat_one_hot=0,
-    input_id_only=0,
-    canvasd=channels,
-    mlp_dim=prior_flags['vit_mlp_dim'],
-    depth=prior_flags['vit_depth'],
-    vit_dropout=1,
-    canvas_size=canvas,
-    nloc=steps,
-    head_dims=[parts, locations, 1],
+  prior = their_prior(
+    channels,
+    parts,
+    table.shape[1],
+    prior_flags['hidden_size_prior'],
+    prior_flags['vit_depth'],
+    canvas,
+    steps,
   )
   path = os.path.join(directory, 'prior.pt')
   # Their loader builds its own prior and loads these weights strictly, so a
