@@ -363,10 +363,12 @@ def compare_activations(ours: dict, saved, name: str) -> tuple[float, str]:
   return worst, note
 
 
-def compare_scenario(ours: Ours, saved, name: str) -> dict[str, tuple[float, str]]:
-  """{component: (relative error, note)} for one scenario."""
-  s = lambda key: saved[f'{name}/{key}']
-  model = ours.model
+def their_inputs(saved, scenario: str) -> tuple[dict, npdraw.Stage2Noise, float, float]:
+  """(batch, noise, tau, rho) of one scenario the torch side saved, in our forms.
+
+  saved: equivalence.npz as a mapping ('images' and '{scenario}/{key}' arrays).
+  """
+  s = lambda key: saved[f'{scenario}/{key}']
   batch = {
     'image': jnp.asarray(saved['images']),
     'pres': jnp.asarray(s('parse_pres')),
@@ -380,11 +382,19 @@ def compare_scenario(ours: Ours, saved, name: str) -> dict[str, tuple[float, str
     where=jnp.asarray(s('gumbel_where')),
     what=jnp.asarray(s('gumbel_what')),
     forcing=jnp.asarray(s('coin_uniforms')),
-    dropout=jax.random.key(0),
+    dropout=jax.random.key(0),  # Unused: the prior's dropout is off on both sides.
   )
-  got = ours.step(batch['image'], batch, noise, float(s('tau')), float(s('rho')))
+  return batch, noise, float(s('tau')), float(s('rho'))
+
+
+def compare_scenario(ours: Ours, saved, name: str) -> dict[str, tuple[float, str]]:
+  """{component: (relative error, note)} for one scenario."""
+  s = lambda key: saved[f'{name}/{key}']
+  model = ours.model
+  batch, noise, tau, rho = their_inputs(saved, name)
+  got = ours.step(batch['image'], batch, noise, tau, rho)
   q, terms = got['q'], got['terms']
-  batch_size, steps = uniforms.shape
+  batch_size, steps = batch['pres'].shape
   order = convert_authors.output_channel_order(model.likelihood, model.channels, model.num_mixtures)
   prior_output = s('prior_output')
   parts = ours.config.model.K

@@ -22,24 +22,17 @@ MNIST) and for parameter gradients (sums over the batch and through batch statis
 
 import os
 
+import authors_fixture
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 from flax import traverse_util
 
-from configs import mnist
+from benchmarks import authors_equivalence
 from npdraw_jax import canvas as canvas_lib
 from npdraw_jax import convert_authors, npdraw
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'authors_small')
-# The fixture's widths (benchmarks.authors_checkpoint.SMALL_WIDTHS) as our config overrides.
-SMALL = {
-  'model.encoder_features': 8,
-  'model.decoder_features': 8,
-  'prior.d_model': 4,
-  'prior.num_layers': 1,
-}
 SCENARIOS = ('forced_mixed_pres', 'free_mixed_pres')
 FORWARD_TOLERANCE = 1e-5
 KL_TOLERANCE = 1e-4
@@ -60,11 +53,8 @@ class Stage2StepTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.release = convert_authors.read_release(FIXTURE)
-    config = mnist.get_config()
-    for field, value in SMALL.items():
-      section, name = field.split('.')
-      config[section][name] = value
+    cls.release = convert_authors.read_release(authors_fixture.FIXTURE)
+    config = authors_fixture.small_config()
     config.vae.prior_dropout = False  # Their prior runs in eval mode in the stored step.
     convert_authors.check_config(cls.release, config)
     cls.config = config
@@ -72,35 +62,16 @@ class Stage2StepTest(parameterized.TestCase):
     cls.variables = convert_authors.convert_variables(cls.release.state, cls.model)
     cls.bank = jnp.asarray(convert_authors.read_part_bank(cls.release.prior_dir, config))
     cls.weights = npdraw.LossWeights.from_config(config.vae)
-    with np.load(os.path.join(FIXTURE, 'equivalence.npz')) as f:
+    with np.load(os.path.join(authors_fixture.FIXTURE, 'equivalence.npz')) as f:
       cls.theirs = dict(f)
     cls._steps = {}
-
-  def _inputs(self, scenario: str):
-    saved = lambda key: self.theirs[f'{scenario}/{key}']
-    batch = {
-      'image': jnp.asarray(self.theirs['images']),
-      'pres': jnp.asarray(saved('parse_pres')),
-      'where': jnp.asarray(saved('parse_where'), jnp.int32),
-      'what': jnp.asarray(saved('parse_what'), jnp.int32),
-    }
-    uniforms = saved('pres_uniforms')[..., 0].astype(np.float64)
-    noise = npdraw.Stage2Noise(
-      # They draw pres where u < P(pres); we where logit + noise > 0: noise = logit(1 - u).
-      pres=jnp.asarray(np.log1p(-uniforms) - np.log(uniforms), jnp.float32),
-      where=jnp.asarray(saved('gumbel_where')),
-      what=jnp.asarray(saved('gumbel_what')),
-      forcing=jnp.asarray(saved('coin_uniforms')),
-      dropout=jax.random.key(0),  # Unused: the prior's dropout is off.
-    )
-    return batch, noise, float(saved('tau')), float(saved('rho'))
 
   def _our_step(self, scenario: str):
     """Our loss, q's logits, the terms and the parameter gradients (once per scenario)."""
     if scenario in self._steps:
       return self._steps[scenario]
     model, weights, bank = self.model, self.weights, self.bank
-    batch, noise, tau, rho = self._inputs(scenario)
+    batch, noise, tau, rho = authors_equivalence.their_inputs(self.theirs, scenario)
     stats = self.variables['batch_stats']
 
     def loss_fn(params):

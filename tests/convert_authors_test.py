@@ -19,31 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
+from authors_fixture import FIXTURE, small_config
 
 import npdraw_jax
 from configs import mnist
 from npdraw_jax import convert_authors, npdraw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(REPO, 'tests', 'data', 'authors_small')
+
 EXPERIMENT = os.path.join(FIXTURE, 'exp', 'stoch_mnist', 'cat_vloc_at', '0208')
 CHECKPOINT = os.path.join(EXPERIMENT, 'random_seed0_h8_p4x1', 'E00550.pth')
 PRIOR_DIR = os.path.join(FIXTURE, 'exp', 'cnn_prior', 'mnist', '0208', 'random_seed0_h8_p4x1')
-# The fixture's widths (benchmarks.authors_checkpoint.SMALL_WIDTHS) as our config overrides.
-SMALL = {
-  'model.encoder_features': 8,
-  'model.decoder_features': 8,
-  'prior.d_model': 4,
-  'prior.num_layers': 1,
-}
-
-
-def small_config(**overrides):
-  config = mnist.get_config()
-  for field, value in {**SMALL, **overrides}.items():
-    section, name = field.split('.')
-    config[section][name] = value
-  return config
 
 
 def relative_error(ours, theirs) -> float:
