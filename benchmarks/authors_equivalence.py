@@ -36,8 +36,9 @@ from flax import linen as nn
 from flax import traverse_util
 
 from benchmarks import results
-from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import convert_authors, distributions, npdraw
+from npdraw_jax import convert_authors
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model import distributions, npdraw
 
 _AUTHORS_PYTHON = flags.DEFINE_string(
   'authors_python', None, "A Python with torch and the authors' imports."

@@ -27,7 +27,8 @@ from absl import app, flags
 from pytorch_fid import inception as pytorch_fid_inception
 
 from benchmarks import results
-from npdraw_jax import convert_inception, fid
+from npdraw_jax import convert_inception
+from npdraw_jax.stages import fid
 
 _IMAGES = flags.DEFINE_integer('images', 2, 'Images per input size.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seeds the random weights and images.')

@@ -9,7 +9,9 @@ import time
 import numpy as np
 
 from configs import mnist
-from npdraw_jax import canvas, input_pipeline, parsing, pipeline
+from npdraw_jax.infra import input_pipeline
+from npdraw_jax.model import canvas, parsing
+from npdraw_jax.stages import bank_parse
 
 
 def measure(num_images: int) -> list[str]:
@@ -22,7 +24,7 @@ def measure(num_images: int) -> list[str]:
   grid = canvas.grid_from_config(config)
 
   start = time.perf_counter()
-  bank = pipeline.build_bank(config, images)
+  bank = bank_parse.build_bank(config, images)
   bank_seconds = time.perf_counter() - start
 
   def parse():

@@ -14,8 +14,10 @@ import numpy as np
 from absl import logging
 
 from benchmarks import timing
-from npdraw_jax import canvas, sharding, train_lib, train_prior
-from npdraw_jax.models import prior as prior_lib
+from npdraw_jax.infra import sharding, training
+from npdraw_jax.model import canvas
+from npdraw_jax.model.nets import prior as prior_lib
+from npdraw_jax.stages import train_prior
 
 
 def random_sequences(config, num_locations: int, batch: int, seed: int = 0) -> dict:
@@ -38,8 +40,8 @@ def measure(name: str, get_config, batch_size: int, steps: int) -> dict:
   grid = canvas.grid_from_config(config)
   mesh = sharding.make_mesh()
   model = prior_lib.make_prior(config, grid.num_locations)
-  schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
-  state = train_lib.init_replicated(train_prior.make_init_fn(config, model, schedule), mesh)
+  schedule = training.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
+  state = training.init_replicated(train_prior.make_init_fn(config, model, schedule), mesh)
   train_step, _ = train_prior.make_steps(model, grid, mesh, schedule)
   patch, channels = config.model.patch_size, config.data.channels
   bank_host = jax.random.uniform(jax.random.key(1), (config.model.K, patch, patch, channels))

@@ -11,7 +11,7 @@ Measures on whatever devices JAX sees, at the MNIST and CelebA configurations:
   sampling  cached against naive O(T^2) prior sampling (T = 36, 64);
   parse     part bank and raster parser over MNIST-sized images;
   kernels   the stage-2 and prior steps in both forms of config.model.kernels
-            ('cpu' and 'plain', npdraw_jax/platform_kernels.py), side by side;
+            ('cpu' and 'plain', npdraw_jax/model/platform_kernels.py), side by side;
   variants  the stage-2 step with the 'cpu' form's convolutions, attention,
             dropout and GELU and the model's renderer against their
             alternatives, one at a time, in turn in one process;
@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from benchmarks import partbank_parse, prior_train, results, sampling, timing, vae_train
 from configs import celeba, mnist
-from npdraw_jax import platform_kernels
+from npdraw_jax.model import platform_kernels
 
 ITEMS = ('stage2', 'prior', 'sampling', 'parse', 'kernels', 'variants', 'dtype')
 _QUICK = flags.DEFINE_bool('quick', False, 'Small batches and few steps (minutes on a CPU).')
@@ -347,7 +347,7 @@ def kernels_lines(settings: Settings) -> list[str]:
   return [
     "### Kernel forms: 'cpu' against 'plain'",
     '',
-    "`config.model.kernels` (npdraw_jax/platform_kernels.py): 'cpu' computes transposed "
+    "`config.model.kernels` (npdraw_jax/model/platform_kernels.py): 'cpu' computes transposed "
     'convolutions by output phase, 1x1 convolutions as matmuls, two 1x1 convolutions in '
     'a row as one, dropout masks as one fused threefry hash, attention on the folded '
     "per-head products, GELU with erf and the final canvas from the running maximum's "

@@ -15,8 +15,8 @@ import numpy as np
 from absl import logging
 
 from benchmarks import timing
-from npdraw_jax import canvas, sampling
-from npdraw_jax.models import prior as prior_lib
+from npdraw_jax.model import canvas, sampling
+from npdraw_jax.model.nets import prior as prior_lib
 
 
 def _setup(config, seed: int = 0):

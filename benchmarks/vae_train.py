@@ -25,7 +25,9 @@ import optax
 from absl import logging
 
 from benchmarks import timing
-from npdraw_jax import canvas, npdraw, platform_kernels, sharding, train_lib, train_vae
+from npdraw_jax.infra import sharding, training
+from npdraw_jax.model import canvas, npdraw, platform_kernels
+from npdraw_jax.stages import train_vae
 
 
 def lax_conv_transpose(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -169,7 +171,7 @@ def compile_step(
       patches.enter_context(BASELINES[baseline]())
     model = npdraw.make_model(config)
     # No trained prior: the init draws fresh prior parameters.
-    state = train_lib.init_replicated(train_vae.make_init_fn(config, model, None), mesh)
+    state = training.init_replicated(train_vae.make_init_fn(config, model, None), mesh)
     train_step = train_vae.make_train_step(model, config, mesh, steps_per_epoch=100)
     p, c = config.model.patch_size, config.data.channels
     bank = sharding.replicate(

@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'bfloat16' (for GPUs/TPUs); parameters, latents and losses stay float32.
   config.model.compute_dtype = 'float32'
   # How transposed and 1x1 convolutions, dropout masks, attention, GELU and the
-  # final canvas's running maximum are computed (npdraw_jax/platform_kernels.py):
+  # final canvas's running maximum are computed (npdraw_jax/model/platform_kernels.py):
   # 'cpu' (forms measured faster on XLA:CPU) | 'plain' (flax's and lax's own,
   # which GPU and TPU compilers are tuned for) | 'auto' ('cpu' on a CPU backend,
   # else 'plain'). Same parameters, and values to float32 round-off.

@@ -26,7 +26,10 @@ from ml_collections import config_flags
 import configs
 from configs import mnist_cpu
 from experiments import launch, study
-from npdraw_jax import canvas, pipeline, train_prior
+from npdraw_jax import stages
+from npdraw_jax.infra import run_dir
+from npdraw_jax.model import canvas
+from npdraw_jax.stages import bank_parse, train_prior
 
 TABLE_FILE = 'ablation.md'
 PLOT_FILE = 'ablation.png'
@@ -51,7 +54,6 @@ VARIANTS = {
     {'vae.where_gradient': 'straight_through'},
   ),
 }
-UPSTREAM = ('partbank.npz', 'partbank.png', 'parses.npz', 'parses.png', 'prior_samples.png')
 PLOT_SIZE = (8.0, 4.8)  # Inches at PLOT_DPI.
 PLOT_DPI = 100
 
@@ -73,7 +75,7 @@ def shares_upstream(config: ml_collections.ConfigDict, reference: ml_collections
   """Whether two configurations make the same bank, parses and prior."""
   grid = canvas.grid_from_config(config)
   return (
-    pipeline.parse_settings(config) == pipeline.parse_settings(reference)
+    bank_parse.parse_settings(config) == bank_parse.parse_settings(reference)
     and train_prior.checkpoint_settings(config, grid.num_locations)
     == train_prior.checkpoint_settings(reference, grid.num_locations)
     and config.prior.to_dict() == reference.prior.to_dict()
@@ -85,7 +87,7 @@ def copy_upstream(source: str, directory: str) -> None:
   if os.path.exists(os.path.join(directory, 'prior')) or jax.process_index() != 0:
     return
   os.makedirs(directory, exist_ok=True)
-  for name in UPSTREAM:
+  for name in run_dir.BEFORE_VAE:
     if os.path.exists(os.path.join(source, name)):
       shutil.copy2(os.path.join(source, name), os.path.join(directory, name))
   shutil.copytree(os.path.join(source, 'prior'), os.path.join(directory, 'prior'))
@@ -98,7 +100,7 @@ def run_variant(config: ml_collections.ConfigDict, directory: str) -> dict:
   for name in study.NPDRAW_STAGES:
     logging.info('--- NP-DRAW stage %s ---', name)
     start = time.perf_counter()
-    summary = launch.STAGES[name](config, directory)
+    summary = stages.STAGES[name](config, directory)
     seconds[name] = time.perf_counter() - start
   return {'summary': summary, 'stage_seconds': seconds}
 

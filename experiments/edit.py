@@ -17,7 +17,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import launch
-from npdraw_jax import api, checkpointing, editing, input_pipeline, pictures, train_vae
+from npdraw_jax import api
+from npdraw_jax.infra import checkpointing, input_pipeline, pictures, run_dir
+from npdraw_jax.model import editing
 
 flags.DEFINE_string('workdir', None, 'A finished run directory.')
 flags.DEFINE_integer('a', None, 'Test image whose drawing is kept outside the region.')
@@ -33,7 +35,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   FLAGS = flags.FLAGS
   # The region is checked before the model loads.
-  size = checkpointing.read_config(os.path.join(FLAGS.workdir, train_vae.STAGE)).data.image_size
+  size = checkpointing.read_config(os.path.join(FLAGS.workdir, run_dir.VAE_DIR)).data.image_size
   try:
     region = editing.parse_region(FLAGS.region, size)
   except ValueError as e:

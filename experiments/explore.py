@@ -24,7 +24,8 @@ from fastapi import responses, staticfiles
 from PIL import Image
 
 from experiments import launch
-from npdraw_jax import api, editing
+from npdraw_jax import api
+from npdraw_jax.model import editing
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'explore_static')
 USAGE_IMAGES = 256  # Test images whose drawings rank the parts by use.

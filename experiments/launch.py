@@ -33,68 +33,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from npdraw_jax import (
-  distributed,
-  errors,
-  evaluate,
-  interrupt,
-  pipeline,
-  train_lib,
-  train_prior,
-  train_vae,
-  workdir_lock,
-)
+from npdraw_jax import errors, stages
+from npdraw_jax.infra import distributed, interrupt, training, workdir_lock
 
-# Stage name -> function(config, workdir). Later stages join as they land.
-STAGES: dict[str, Callable] = {
-  'bank': pipeline.run_bank,
-  'parse': pipeline.run_parse,
-  'prior': train_prior.train_and_evaluate,
-  'vae': train_vae.train_and_evaluate,
-  'eval': evaluate.run,
-}
-DEFAULT_STAGES = tuple(STAGES)
 USER_ERROR_STATUS = 2  # The exit status of a user error, as for a command-line mistake.
 INTERRUPTED_STATUS = 130  # The exit status after a Ctrl-C, as for a shell's SIGINT.
 PEER_LOST_STATUS = 1  # Another process of a distributed run died: not the user's mistake.
 VERBOSE_ENV = 'NPDRAW_VERBOSE'  # Set to 1: user errors print their traceback too.
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-def check_stages(names: list[str]) -> list[str]:
-  """Fails clearly on an unknown stage, before any work."""
-  for name in names:
-    if name not in STAGES:
-      raise errors.ConfigError(f'Unknown stage {name!r} in --stages; stages: {",".join(STAGES)}.')
-  if not names:
-    raise errors.ConfigError('--stages is empty.')
-  return names
-
-
-# Stages whose checkpoint records a run checks (they take allow_changed_settings).
-SETTINGS_CHECKED = ('prior', 'vae', 'eval')
-
-
-def check_before_work(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  stages: list[str],
-  allow_changed_settings: bool = False,
-) -> None:
-  """Refuses, before any stage writes anything, a run whose stages would meet
-  checkpoints recorded under other settings; reads only.
-
-  When a requested stage would train, read or rebuild anything the prior and
-  VAE checkpoints depend on, their records must match the configuration
-  (checkpointing.check_settings): a K=12 rerun of a finished workdir stops
-  here, not after the bank and parses are rebuilt.
-  """
-  rebuilds = any(
-    name in ('bank', 'parse') and not pipeline.is_current(config, workdir, name) for name in stages
-  )
-  if rebuilds or set(stages) & set(SETTINGS_CHECKED):
-    train_prior.check_recorded_settings(config, workdir, allow_changed_settings)
-    train_vae.check_recorded_settings(config, workdir, allow_changed_settings)
 
 
 class QuietCheckpointer(python_logging.Filter):
@@ -119,7 +65,7 @@ def prepare(config, joined: str | None = None) -> None:
   )
   logging.get_absl_handler().addFilter(QuietCheckpointer())
   if config.data.source == 'tfds':
-    train_lib.hide_accelerators_from_tensorflow()
+    training.hide_accelerators_from_tensorflow()
 
 
 # --- User errors as one line ----------------------------------------------------
@@ -242,7 +188,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def define_distributed_flags() -> None:
-  """The flags that join a multi-process run explicitly (npdraw_jax.distributed)."""
+  """The flags that join a multi-process run explicitly (npdraw_jax.infra.distributed)."""
   flags.DEFINE_string(
     'coordinator_address',
     None,
@@ -326,7 +272,7 @@ def run(config_name: str) -> None:
       'config', default_config, 'Configuration file.', lock_config=True
     )
     flags.DEFINE_string('workdir', None, 'Directory for artifacts and checkpoints.')
-    flags.DEFINE_list('stages', list(DEFAULT_STAGES), 'Stages to run, in order.')
+    flags.DEFINE_list('stages', list(stages.DEFAULT_STAGES), 'Stages to run, in order.')
     flags.DEFINE_bool(
       'allow_changed_settings',
       False,
@@ -339,22 +285,22 @@ def run(config_name: str) -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-    stages = check_stages(flags.FLAGS.stages)
+    names = stages.check_stages(flags.FLAGS.stages)
     config = flags.FLAGS.config
     workdir = os.path.abspath(flags.FLAGS.workdir)
     prepare(config, joined=join_distributed_run())
     allow_changed_settings = flags.FLAGS.allow_changed_settings
     os.makedirs(workdir, exist_ok=True)
     with hold_workdir(workdir), interrupt.handled():
-      check_before_work(config, workdir, stages, allow_changed_settings)
+      stages.check_before_work(config, workdir, names, allow_changed_settings)
       # Every process decides a stage's work from the files of the stages before it.
       distributed.barrier('checked')
-      for name in stages:
+      for name in names:
         interrupt.stop_if_requested(before_stage=name)
         logging.info('=== Stage %s ===', name)
         options = {'allow_changed_settings': allow_changed_settings}
-        STAGES[name](config, workdir, **(options if name in SETTINGS_CHECKED else {}))
+        stages.STAGES[name](config, workdir, **(options if name in stages.SETTINGS_CHECKED else {}))
         distributed.barrier(f'stage {name} written')
-    logging.info('Done: %s in %s.', ','.join(stages), workdir)
+    logging.info('Done: %s in %s.', ','.join(names), workdir)
 
   run_app(main, define_flags)

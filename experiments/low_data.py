@@ -28,7 +28,9 @@ from ml_collections import config_flags
 
 import configs
 from experiments import launch, study
-from npdraw_jax import baseline_vae, input_pipeline, train_vae
+from npdraw_jax import baseline_vae
+from npdraw_jax.infra import input_pipeline
+from npdraw_jax.stages import train_vae
 
 RESULTS_FILE = study.RESULTS_FILE
 TABLE_FILE = 'low_data.md'

@@ -15,7 +15,8 @@ import ml_collections
 from absl import logging
 
 from experiments import launch
-from npdraw_jax import artifacts
+from npdraw_jax import errors, stages
+from npdraw_jax.infra import artifacts, run_dir
 
 RESULTS_FILE = 'results.json'
 NPDRAW_STAGES = ('bank', 'parse', 'prior', 'vae', 'eval')
@@ -34,9 +35,13 @@ def run_once(
   """
   path = os.path.join(directory, RESULTS_FILE)
   wanted = json.loads(config.to_json_best_effort(sort_keys=True))
+  record = None
   if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
+    try:
+      record = run_dir.read_json(path)
+    except errors.RecordError as e:  # A cache of the results: recompute them.
+      logging.warning('%s; rerunning.', e)
+  if record is not None:
     if record['config'] == wanted:
       logging.info('%s: results for this configuration exist in %s; skipping.', name, path)
       return record
@@ -68,5 +73,5 @@ def run_npdraw(config: ml_collections.ConfigDict, directory: str) -> dict[str, f
   """NP-DRAW's stages in order; returns the last one's (eval's) summary."""
   for name in NPDRAW_STAGES:
     logging.info('--- NP-DRAW stage %s ---', name)
-    summary = launch.STAGES[name](config, directory)
+    summary = stages.STAGES[name](config, directory)
   return summary

@@ -12,7 +12,7 @@ __all__ = list(_API_NAMES)
 
 
 def __getattr__(name: str):
-  # Imported on first use: `import npdraw_jax.canvas` need not load the whole model.
+  # Imported on first use: `import npdraw_jax.model.canvas` need not load the whole model.
   if name in _API_NAMES:
     return getattr(importlib.import_module('npdraw_jax.api'), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

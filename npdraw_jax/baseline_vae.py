@@ -29,18 +29,12 @@ import ml_collections
 import optax
 from absl import logging
 
-from npdraw_jax import (
-  bound,
-  checkpointing,
-  distributions,
-  input_pipeline,
-  pipeline,
-  sharding,
-  train_lib,
-)
-from npdraw_jax.models import gaussian_vae
+from npdraw_jax.infra import checkpointing, input_pipeline, sharding, training
+from npdraw_jax.model import bound, distributions
+from npdraw_jax.model.nets import gaussian_vae
+from npdraw_jax.stages import bank_parse, scoring
 
-STAGE = 'baseline'
+STAGE = 'baseline'  # Also its checkpoint folder, DIR/baseline.
 EVAL_STAGE = 'baseline_eval'
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -171,7 +165,7 @@ def iwae_bounds(
 def checkpoint_settings(config: ml_collections.ConfigDict) -> dict:
   """What a baseline checkpoint must agree with: its data (subset included) and shapes."""
   return {
-    'data': pipeline.bank_settings(config)['data'],
+    'data': bank_parse.bank_settings(config)['data'],
     'hidden': config.baseline.hidden,
     'latent_dim': config.baseline.latent_dim,
     'likelihood': config.model.likelihood,
@@ -198,7 +192,7 @@ def make_init_fn(config: ml_collections.ConfigDict, model: BaselineVAE):
 
   def init_fn():
     params = init_variables(model, init_key)['params']
-    return train_lib.TrainState.create(apply_fn=None, params=params, tx=tx, rng=loop_key)
+    return training.TrainState.create(apply_fn=None, params=params, tx=tx, rng=loop_key)
 
   return init_fn
 
@@ -223,7 +217,7 @@ def make_train_step(model: BaselineVAE, mesh):
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_lib.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> training.TrainState:
   """Trains (or finishes training) the baseline for baseline.train_steps; returns the state."""
   b = config.baseline
   local_batch = sharding.check_batch_size(b.batch_size, 'baseline.batch_size')
@@ -232,15 +226,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   num_train = train.num_examples * jax.process_count()
   model = make_model(config)
   checkpoints = open_checkpoints(config, workdir)
-  state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model), mesh)
+  state = training.restore_or_init(checkpoints, make_init_fn(config, model), mesh)
   train_step = make_train_step(model, mesh)
 
   def batch_at(step):
     batch = input_pipeline.train_batch(train, config.data, local_batch, config.seed, step)
     return sharding.to_global({'image': batch['image']}, mesh)
 
-  metrics_log = train_lib.MetricsLog(workdir, STAGE)
-  state = train_lib.train_loop(
+  metrics_log = training.MetricsLog(workdir, STAGE)
+  state = training.train_loop(
     stage=STAGE,
     state=state,
     train_step=train_step,
@@ -270,7 +264,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, model: Base
       f'Evaluating the baseline needs it trained to step {wanted} in {checkpoints.directory} '
       f'(found: {checkpoints.latest_step()}): run baseline_vae.train_and_evaluate first.'
     )
-  state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model), mesh)
+  state = training.restore_or_init(checkpoints, make_init_fn(config, model), mesh)
   checkpoints.close()
   return state
 
@@ -302,7 +296,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   variables = {'params': state.params}
   test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
   eval_step = make_eval_step(model, config, mesh)
-  summary = bound.test_bounds(
+  summary = scoring.test_bounds(
     config,
     test,
     mesh,
@@ -310,7 +304,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     is_8bit=model.likelihood != 'bernoulli',
   )
   logging.info('Stage %s on %d test images: %s', EVAL_STAGE, summary['test_images'], summary)
-  metrics_log = train_lib.MetricsLog(workdir, EVAL_STAGE)
+  metrics_log = training.MetricsLog(workdir, EVAL_STAGE)
   metrics_log.write(int(state.step), 'test', summary)
   metrics_log.close()
   return summary

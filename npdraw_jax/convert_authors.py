@@ -46,19 +46,10 @@ from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
-from npdraw_jax import (
-  artifacts,
-  canvas,
-  checkpointing,
-  errors,
-  npdraw,
-  partbank,
-  pictures,
-  pipeline,
-  train_lib,
-  train_prior,
-  train_vae,
-)
+from npdraw_jax import errors
+from npdraw_jax.infra import artifacts, checkpointing, pictures, run_dir, training
+from npdraw_jax.model import canvas, npdraw, partbank
+from npdraw_jax.stages import bank_parse, train_prior, train_vae
 
 RECORD_FILE = 'authors_conversion.json'
 
@@ -857,7 +848,7 @@ def convert_variables(state: dict[str, np.ndarray], model: npdraw.NPDraw) -> dic
 
 
 def _refuse_existing(workdir: str) -> None:
-  for stage in (train_prior.STAGE, train_vae.STAGE):
+  for stage in (run_dir.PRIOR_DIR, run_dir.VAE_DIR):
     path = os.path.join(workdir, stage)
     if os.path.exists(path):
       raise errors.ConfigError(
@@ -885,18 +876,18 @@ def write_run(
     inertia=0.0,
     num_patches=0,
     iterations=0,
-    settings=pipeline.bank_settings(config),
+    settings=bank_parse.bank_settings(config),
   )
-  partbank.save(os.path.join(workdir, pipeline.PARTBANK_FILE), bank)
+  run_dir.save_bank(workdir, bank)
   columns = int(np.ceil(np.sqrt(len(parts))))
-  pictures.save_grid(os.path.join(workdir, 'partbank.png'), parts, columns, scale=8)
+  pictures.save_grid(os.path.join(workdir, run_dir.BANK_PICTURE), parts, columns, scale=8)
   logging.info('Parsing the configured data with their part bank (the parse stage).')
-  parses = pipeline.run_parse(config, workdir)
+  parses = bank_parse.run_parse(config, workdir)
 
   # Before any checkpoint is written: a batch larger than the data fails here.
   vae_step = train_vae.num_train_steps(config, len(parses['train_pres']))
   p = config.prior
-  schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
+  schedule = training.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
   prior_state = train_prior.make_init_fn(config, model.prior, schedule)()
   prior_state = prior_state.replace(step=p.train_steps, params=variables['params']['prior'])
   _save_state(train_prior.open_checkpoints(config, workdir, grid), p.train_steps, prior_state)

@@ -7,14 +7,14 @@ The weights are pytorch-fid's port of the TensorFlow FID Inception graph
 (inception-2015-12-05), released at
 https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
 Only this converter needs torch (`pip install torch`); the .npz it writes is
-what npdraw_jax.fid.load_inception reads.
+what npdraw_jax.stages.fid.load_inception reads.
 """
 
 import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from npdraw_jax import fid
+from npdraw_jax.stages import fid
 
 _TORCH_WEIGHTS = flags.DEFINE_string('torch_weights', None, "pytorch-fid's .pth state_dict.")
 _OUT = flags.DEFINE_string('out', None, 'Where to write the .npz for --config.eval.fid_weights.')

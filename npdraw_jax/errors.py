@@ -21,6 +21,11 @@ class MissingArtifactError(UserError, FileNotFoundError):
   other settings; the message names the stage to run."""
 
 
+class RecordError(UserError, ValueError):
+  """A record file of the run directory (settings.json, config.json, eval.json,
+  the lock record) that does not parse; the message names the file."""
+
+
 class WorkdirLockedError(UserError):
   """Another run holds the workdir."""
 
@@ -31,7 +36,7 @@ class NonFiniteError(UserError, FloatingPointError):
 
 
 class Interrupted(Exception):
-  """The run stopped at a Ctrl-C (npdraw_jax/interrupt.py) with its finished work
+  """The run stopped at a Ctrl-C (npdraw_jax/infra/interrupt.py) with its finished work
   saved. Not a UserError: the launcher prints the message and exits with 130,
   the status of a command ended by SIGINT.
 

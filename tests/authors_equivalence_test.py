@@ -30,8 +30,9 @@ from absl.testing import absltest, parameterized
 from flax import traverse_util
 
 from benchmarks import authors_equivalence
-from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import convert_authors, npdraw
+from npdraw_jax import convert_authors
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model import npdraw
 
 SCENARIOS = ('forced_mixed_pres', 'free_mixed_pres')
 FORWARD_TOLERANCE = 1e-5

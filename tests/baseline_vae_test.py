@@ -20,7 +20,9 @@ from absl.testing import absltest
 from scipy import stats
 
 from configs import tiny
-from npdraw_jax import baseline_vae, distributions, input_pipeline
+from npdraw_jax import baseline_vae
+from npdraw_jax.infra import input_pipeline
+from npdraw_jax.model import distributions
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 

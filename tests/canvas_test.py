@@ -7,7 +7,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import references
-from npdraw_jax import canvas
+from npdraw_jax.model import canvas
 
 # 13 is not a multiple of 3, so parts at the last row and column overhang.
 GRID = canvas.Grid(canvas_size=13, patch_size=4, stride=3)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from npdraw_jax import checkpointing, errors
+from npdraw_jax import errors
+from npdraw_jax.infra import checkpointing, run_dir
 
 
 def _state(step):
@@ -29,7 +30,7 @@ class BestCheckpointTest(absltest.TestCase):
     # Reopened (a resumed run): the same best, and only it on disk.
     best = checkpointing.BestCheckpoint(directory, 'nll')
     self.assertEqual(best.best(), (40, 2.5))
-    self.assertEqual(os.listdir(os.path.join(directory, checkpointing.BEST_DIR)), ['40'])
+    self.assertEqual(os.listdir(os.path.join(directory, run_dir.BEST_DIR)), ['40'])
     restored = best.restore({'w': jnp.zeros(3), 'step': jnp.asarray(0)})
     np.testing.assert_array_equal(restored['w'], [40.0] * 3)
     self.assertFalse(best.update(70, _state(70), 2.6))
@@ -68,7 +69,7 @@ class SettingsRecordTest(absltest.TestCase):
   def test_changed_training_is_refused_then_recorded_when_allowed(self):
     directory = tempfile.mkdtemp()
     self._open(directory, 0.1).close()
-    path = os.path.join(directory, checkpointing.SETTINGS_FILE)
+    path = os.path.join(directory, run_dir.SETTINGS_FILE)
     with open(path) as f:
       original = f.read()
     with self.assertRaisesRegex(
@@ -100,7 +101,7 @@ class SettingsRecordTest(absltest.TestCase):
 
   def test_a_record_without_training_settings_gets_them_when_training(self):
     directory = tempfile.mkdtemp()
-    with open(os.path.join(directory, checkpointing.SETTINGS_FILE), 'w') as f:
+    with open(os.path.join(directory, run_dir.SETTINGS_FILE), 'w') as f:
       json.dump({'shape': 3}, f)  # As written before training settings were recorded.
     checkpoints = self._open(directory, 0.1)
     checkpoints.record_training(20)

@@ -23,7 +23,8 @@ from authors_fixture import FIXTURE, small_config
 
 import npdraw_jax
 from configs import mnist
-from npdraw_jax import convert_authors, npdraw
+from npdraw_jax import convert_authors
+from npdraw_jax.model import npdraw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

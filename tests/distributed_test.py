@@ -6,7 +6,8 @@ import importlib.util
 import jax
 import pytest
 
-from npdraw_jax import distributed, errors
+from npdraw_jax import errors
+from npdraw_jax.infra import distributed
 
 TPU_VM = importlib.util.find_spec('libtpu') is not None
 

@@ -6,7 +6,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from scipy import special, stats
 
-from npdraw_jax import distributions, errors
+from npdraw_jax import errors
+from npdraw_jax.model import distributions
 
 BINS = 256
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from npdraw_jax.models import dropout
+from npdraw_jax.model.nets import dropout
 
 KERNEL_FORMS = ('cpu', 'plain')
 

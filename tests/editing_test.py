@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from npdraw_jax import canvas, editing
+from npdraw_jax.model import canvas, editing
 
 
 class RegionTest(absltest.TestCase):

@@ -10,8 +10,10 @@ from absl.testing import absltest
 from scipy import special
 
 from configs import tiny
-from npdraw_jax import bound, fid, npdraw, sharding
-from npdraw_jax.models import inception
+from npdraw_jax.infra import sharding
+from npdraw_jax.model import bound, npdraw
+from npdraw_jax.model.nets import inception
+from npdraw_jax.stages import fid, scoring
 
 
 class SummariseTest(absltest.TestCase):
@@ -134,7 +136,7 @@ class SharedSamplesTest(absltest.TestCase):
       ((1, 8), -1, 'eval.authors_samples'),
     ):
       with self.assertRaisesRegex(ValueError, field):
-        bound.make_eval_step(model, mesh, counts, 4, authors)
+        scoring.make_eval_step(model, mesh, counts, 4, authors)
 
 
 class FeatureMomentsTest(absltest.TestCase):

@@ -16,9 +16,9 @@ from absl.testing import absltest
 from PIL import Image, ImageSequence
 
 from configs import tiny
-from experiments import launch
-from npdraw_jax import fid
-from npdraw_jax.models import inception
+from npdraw_jax import stages
+from npdraw_jax.model.nets import inception
+from npdraw_jax.stages import fid
 
 pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
@@ -99,8 +99,8 @@ class CelebaPipelineTest(absltest.TestCase):
     config.eval.fid_samples = 16
     config.data.holdout_size = HOLDOUT_SIZE
     with tfds.testing.mock_data(num_examples=64):
-      for stage in launch.DEFAULT_STAGES:
-        launch.STAGES[stage](config, workdir)
+      for stage in stages.DEFAULT_STAGES:
+        stages.STAGES[stage](config, workdir)
     self.check_outputs(workdir, config)
     self.assertGreater(eval_record(workdir)['fid'], 0)
 

@@ -10,8 +10,9 @@ import scipy.linalg
 from absl.testing import absltest, parameterized
 from flax import traverse_util
 
-from npdraw_jax import convert_inception, fid
-from npdraw_jax.models import inception
+from npdraw_jax import convert_inception
+from npdraw_jax.model.nets import inception
+from npdraw_jax.stages import fid
 
 
 def random_features(seed, n, d, shift=0.0):

@@ -6,7 +6,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from scipy import special, stats
 
-from npdraw_jax import gumbel
+from npdraw_jax.model import gumbel
 
 LOGITS = np.float32([0.5, -1.0, 2.0, 0.0, -0.3])
 

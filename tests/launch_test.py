@@ -19,7 +19,7 @@ import pytest
 from absl.testing import absltest
 
 from experiments import launch
-from npdraw_jax import workdir_lock
+from npdraw_jax.infra import run_dir
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
@@ -135,7 +135,7 @@ class UserErrorTest(absltest.TestCase):
 # Holds the lock of the workdir argv[1] until killed, as a run does.
 _HOLDER = (
   'import sys, time\n'
-  'from npdraw_jax import workdir_lock\n'
+  'from npdraw_jax.infra import workdir_lock\n'
   'workdir_lock.acquire(sys.argv[1])\n'
   'print("held", flush=True)\n'
   'time.sleep(600)\n'
@@ -167,7 +167,7 @@ class WorkdirLockTest(absltest.TestCase):
     self.assertIn(f'pid {holder.pid} on host', stderr)  # The take-over warning.
     self.assertIn('ended without releasing', stderr)
     self.assertIn('parses.npz is missing', stderr.strip().splitlines()[-1])
-    self.assertEqual(os.path.getsize(os.path.join(workdir, workdir_lock.LOCK_FILE)), 0)
+    self.assertEqual(os.path.getsize(os.path.join(workdir, run_dir.LOCK_FILE)), 0)
 
 
 class MessageTest(absltest.TestCase):
@@ -195,7 +195,8 @@ class MessageTest(absltest.TestCase):
       self.assertIsNone(launch.user_error_message(bug))
 
   def test_project_errors_are_one_line(self):
-    from npdraw_jax import checkpointing, errors, input_pipeline
+    from npdraw_jax import errors
+    from npdraw_jax.infra import checkpointing, input_pipeline
 
     for error in (
       input_pipeline.DataError('bad\ndata'),

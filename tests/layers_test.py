@@ -13,10 +13,13 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from configs import tiny
-from npdraw_jax import errors, npdraw, sharding, train_vae
-from npdraw_jax.models import decoder as decoder_lib
-from npdraw_jax.models import encoder as encoder_lib
-from npdraw_jax.models import layers
+from npdraw_jax import errors
+from npdraw_jax.infra import sharding
+from npdraw_jax.model import npdraw
+from npdraw_jax.model.nets import decoder as decoder_lib
+from npdraw_jax.model.nets import encoder as encoder_lib
+from npdraw_jax.model.nets import layers
+from npdraw_jax.stages import train_vae
 
 
 class ConvTransposeTest(parameterized.TestCase):

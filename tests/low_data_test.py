@@ -21,7 +21,8 @@ from PIL import Image
 
 from configs import tiny
 from experiments import low_data
-from npdraw_jax import artifacts, input_pipeline, pipeline, train_prior
+from npdraw_jax.infra import artifacts, input_pipeline, run_dir
+from npdraw_jax.stages import bank_parse, train_prior
 
 pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
@@ -97,11 +98,18 @@ class TrainFractionTest(parameterized.TestCase):
     config = tiny.get_config()
     other = low_data.fraction_config(config, 0.5)
     self.assertEqual(config.data.train_fraction, 1.0)
-    path = os.path.join(tempfile.mkdtemp(), 'bank.npz')
-    artifacts.save_npz(path, settings=np.asarray(artifacts.to_json(pipeline.bank_settings(config))))
-    self.assertTrue(artifacts.is_current(path, pipeline.bank_settings(config)))
-    self.assertFalse(artifacts.is_current(path, pipeline.bank_settings(other)))
-    self.assertNotEqual(pipeline.parse_settings(config), pipeline.parse_settings(other))
+    workdir = tempfile.mkdtemp()
+    artifacts.save_npz(
+      os.path.join(workdir, run_dir.BANK_FILE),
+      settings=np.asarray(artifacts.to_json(bank_parse.bank_settings(config))),
+    )
+    self.assertTrue(
+      run_dir.is_current(workdir, run_dir.BANK_FILE, bank_parse.bank_settings(config))
+    )
+    self.assertFalse(
+      run_dir.is_current(workdir, run_dir.BANK_FILE, bank_parse.bank_settings(other))
+    )
+    self.assertNotEqual(bank_parse.parse_settings(config), bank_parse.parse_settings(other))
     self.assertNotEqual(
       train_prior.checkpoint_settings(config, 16), train_prior.checkpoint_settings(other, 16)
     )

@@ -10,10 +10,10 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from configs import celeba, cifar10, mnist, tiny
-from npdraw_jax import npdraw
-from npdraw_jax.models import decoder as decoder_lib
-from npdraw_jax.models import encoder as encoder_lib
-from npdraw_jax.models import layers
+from npdraw_jax.model import npdraw
+from npdraw_jax.model.nets import decoder as decoder_lib
+from npdraw_jax.model.nets import encoder as encoder_lib
+from npdraw_jax.model.nets import layers
 
 REFERENCE_CONFIGS = {'mnist': mnist, 'celeba': celeba, 'cifar10': cifar10}
 # Output channels of each reference likelihood: one Bernoulli logit; a mean and

@@ -8,17 +8,9 @@ from absl.testing import absltest
 from scipy import stats
 
 from configs import tiny
-from npdraw_jax import (
-  bound,
-  canvas,
-  input_pipeline,
-  losses,
-  npdraw,
-  parsing,
-  partbank,
-  sharding,
-  train_vae,
-)
+from npdraw_jax.infra import input_pipeline, sharding
+from npdraw_jax.model import bound, canvas, npdraw, parsing, partbank, prior_likelihood
+from npdraw_jax.stages import train_vae
 
 
 def tiny_model(num_steps=16):
@@ -69,7 +61,7 @@ class KLTest(absltest.TestCase):
       p = model.prior.apply(
         {'params': prior_params}, *canvas.states_before(canvases, maps), jnp.arange(4)
       )
-      log_p = losses.prior_sequence_log_prob(p, pres, where, what)
+      log_p = prior_likelihood.prior_sequence_log_prob(p, pres, where, what)
       q_rows = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_samples, *x.shape[1:])), q)
       return log_q[:, 0] - log_p, npdraw.prior_kl(q_rows, p, pres.astype(jnp.float32))
 

@@ -4,7 +4,7 @@ import numpy as np
 from absl.testing import absltest
 
 import references
-from npdraw_jax import canvas, parsing
+from npdraw_jax.model import canvas, parsing
 
 GRID = canvas.Grid(canvas_size=11, patch_size=4, stride=3)  # Overhangs by 1.
 

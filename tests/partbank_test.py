@@ -1,6 +1,5 @@
 """Part bank: patch sampling, k-means++ and Lloyd against scikit-learn."""
 
-import os
 import tempfile
 
 import jax
@@ -8,7 +7,8 @@ import numpy as np
 from absl.testing import absltest
 from sklearn.cluster import KMeans
 
-from npdraw_jax import partbank
+from npdraw_jax.infra import run_dir
+from npdraw_jax.model import partbank
 
 
 def blobs(seed, per_blob=200, num_blobs=8, dim=12, spread=0.05):
@@ -124,9 +124,8 @@ class BuildTest(absltest.TestCase):
     np.testing.assert_array_equal(bank.parts, again.parts)
     self.assertFalse(np.array_equal(bank.parts, self.build(1).parts))
     with tempfile.TemporaryDirectory() as d:
-      path = os.path.join(d, 'partbank.npz')
-      partbank.save(path, bank)
-      loaded = partbank.load(path)
+      run_dir.save_bank(d, bank)
+      loaded = run_dir.load_bank(d)
     np.testing.assert_array_equal(loaded.parts, bank.parts)
     np.testing.assert_array_equal(loaded.counts, bank.counts)
     self.assertEqual(loaded.settings, {'K': 6})

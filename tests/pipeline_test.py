@@ -13,7 +13,8 @@ from PIL import Image
 
 import references
 from configs import tiny
-from npdraw_jax import input_pipeline, pipeline
+from npdraw_jax.infra import input_pipeline
+from npdraw_jax.stages import bank_parse
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
@@ -27,8 +28,8 @@ class StagesTest(absltest.TestCase):
     super().setUpClass()
     cls.workdir = tempfile.mkdtemp()
     cls.config = tiny.get_config()
-    pipeline.run_bank(cls.config, cls.workdir)
-    pipeline.run_parse(cls.config, cls.workdir)
+    bank_parse.run_bank(cls.config, cls.workdir)
+    bank_parse.run_parse(cls.config, cls.workdir)
 
   def test_partbank_artifact(self):
     with np.load(os.path.join(self.workdir, 'partbank.npz')) as f:
@@ -81,25 +82,25 @@ class StagesTest(absltest.TestCase):
     bank_path = os.path.join(self.workdir, 'partbank.npz')
     parses_path = os.path.join(self.workdir, 'parses.npz')
     bank_time, parse_time = os.path.getmtime(bank_path), os.path.getmtime(parses_path)
-    pipeline.run_bank(self.config, self.workdir)
-    pipeline.run_parse(self.config, self.workdir)
+    bank_parse.run_bank(self.config, self.workdir)
+    bank_parse.run_parse(self.config, self.workdir)
     self.assertEqual(os.path.getmtime(bank_path), bank_time)
     self.assertEqual(os.path.getmtime(parses_path), parse_time)
     changed = tiny.get_config()
     changed.parse.threshold = 0.3
-    pipeline.run_bank(changed, self.workdir)
-    fewer = pipeline.run_parse(changed, self.workdir)
+    bank_parse.run_bank(changed, self.workdir)
+    fewer = bank_parse.run_parse(changed, self.workdir)
     self.assertEqual(os.path.getmtime(bank_path), bank_time)
     self.assertNotEqual(os.path.getmtime(parses_path), parse_time)
     with np.load(parses_path) as f:
       self.assertEqual(json.loads(str(f['settings']))['threshold'], 0.3)
     self.assertLess(fewer['test_pres'].mean(), 1.0)
     # Put the original parses back for the other tests.
-    pipeline.run_parse(self.config, self.workdir)
+    bank_parse.run_parse(self.config, self.workdir)
 
   def test_parse_without_bank_says_what_to_run(self):
     with self.assertRaisesRegex(FileNotFoundError, 'run the bank stage'):
-      pipeline.run_parse(self.config, tempfile.mkdtemp())
+      bank_parse.run_parse(self.config, tempfile.mkdtemp())
 
 
 def run_cli(*args):

@@ -13,11 +13,12 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from configs import tiny
-from npdraw_jax import errors, platform_kernels
-from npdraw_jax.models import decoder as decoder_lib
-from npdraw_jax.models import encoder as encoder_lib
-from npdraw_jax.models import layers
-from npdraw_jax.models import prior as prior_lib
+from npdraw_jax import errors
+from npdraw_jax.model import platform_kernels
+from npdraw_jax.model.nets import decoder as decoder_lib
+from npdraw_jax.model.nets import encoder as encoder_lib
+from npdraw_jax.model.nets import layers
+from npdraw_jax.model.nets import prior as prior_lib
 
 FORMS = platform_kernels.FORMS
 NHWC = ('NHWC', 'HWIO', 'NHWC')

@@ -9,8 +9,9 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from configs import celeba, mnist, tiny
-from npdraw_jax import canvas, losses, sampling, train_prior
-from npdraw_jax.models import prior as prior_lib
+from npdraw_jax.model import canvas, prior_likelihood, sampling
+from npdraw_jax.model.nets import prior as prior_lib
+from npdraw_jax.stages import train_prior
 
 GRID = canvas.Grid(canvas_size=12, patch_size=4, stride=4)  # L = 9.
 T, K, C = 9, 5, 1
@@ -276,7 +277,7 @@ class LogLikelihoodTest(absltest.TestCase):
     # must not count, so they are set to unlikely values).
     pres = jnp.array([[True, False]])
     where, what = jnp.array([[2, 1]]), jnp.array([[0, 0]])
-    got = losses.prior_step_log_prob(logits, pres, where, what)
+    got = prior_likelihood.prior_step_log_prob(logits, pres, where, what)
     sigmoid = lambda x: 1 / (1 + math.exp(-x))
     step1 = (
       math.log(sigmoid(1.5))
@@ -286,7 +287,9 @@ class LogLikelihoodTest(absltest.TestCase):
     step2 = math.log(1 - sigmoid(-0.5))
     np.testing.assert_allclose(got, [[step1, step2]], rtol=1e-6)
     np.testing.assert_allclose(
-      losses.prior_sequence_log_prob(logits, pres, where, what), [step1 + step2], rtol=1e-6
+      prior_likelihood.prior_sequence_log_prob(logits, pres, where, what),
+      [step1 + step2],
+      rtol=1e-6,
     )
 
 

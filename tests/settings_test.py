@@ -19,16 +19,9 @@ import pytest
 import tiny_run
 from absl.testing import absltest
 
-from experiments import launch
-from npdraw_jax import (
-  checkpointing,
-  errors,
-  evaluate,
-  pipeline,
-  sharding,
-  train_prior,
-  train_vae,
-)
+from npdraw_jax import errors, stages
+from npdraw_jax.infra import checkpointing, run_dir, sharding
+from npdraw_jax.stages import bank_parse, evaluate, train_prior, train_vae
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
@@ -78,7 +71,7 @@ class ChangedSettingsTest(absltest.TestCase):
     config = tiny_run.config(**{'vae.beta': 0.5})
     expected = 'vae.beta: recorded 1.0, requested 0.5'
     with self.assertRaisesRegex(checkpointing.ChangedSettingsError, expected):
-      launch.check_before_work(config, _finished, ALL_STAGES)
+      stages.check_before_work(config, _finished, ALL_STAGES)
     with self.assertRaisesRegex(checkpointing.ChangedSettingsError, expected):
       train_vae.train_and_evaluate(config, _finished)
     with self.assertRaisesRegex(checkpointing.ChangedSettingsError, expected):
@@ -98,7 +91,7 @@ class ChangedSettingsTest(absltest.TestCase):
     self.assertEqual(without_lock(snapshot(_finished)), without_lock(before))
 
   def test_the_record_holds_the_training_settings(self):
-    vae = read_json(_finished, 'vae', checkpointing.SETTINGS_FILE)['training']
+    vae = read_json(_finished, 'vae', run_dir.SETTINGS_FILE)['training']
     config = tiny_run.config()
     for field in ('vae.beta', 'vae.lambda_sup', 'vae.lr', 'vae.where_gradient', 'prior.lr'):
       section, name = field.split('.')
@@ -106,7 +99,7 @@ class ChangedSettingsTest(absltest.TestCase):
     self.assertEqual(vae['vae.train_steps'], 10)
     self.assertNotIn('vae.log_every', vae)
     self.assertNotIn('vae.checkpoint_every', vae)
-    prior = read_json(_finished, 'prior', checkpointing.SETTINGS_FILE)['training']
+    prior = read_json(_finished, 'prior', run_dir.SETTINGS_FILE)['training']
     self.assertEqual(prior['prior.train_steps'], 10)
     self.assertEqual(prior['prior.dropout'], config.prior.dropout)
     self.assertNotIn('vae.beta', prior)
@@ -115,10 +108,10 @@ class ChangedSettingsTest(absltest.TestCase):
     workdir = tiny_run.copy()
     changed = {'vae.beta': 0.5, 'vae.train_steps': 15}
     config = tiny_run.config(**changed)
-    launch.check_before_work(config, workdir, ['vae'], allow_changed_settings=True)
+    stages.check_before_work(config, workdir, ['vae'], allow_changed_settings=True)
     state = train_vae.train_and_evaluate(config, workdir, allow_changed_settings=True)
     self.assertEqual(int(state.step), 15)
-    record = read_json(workdir, 'vae', checkpointing.SETTINGS_FILE)
+    record = read_json(workdir, 'vae', run_dir.SETTINGS_FILE)
     self.assertEqual(record['training']['vae.beta'], 1.0)  # The original, kept.
     self.assertEqual(
       record['changes'],
@@ -132,7 +125,7 @@ class ChangedSettingsTest(absltest.TestCase):
         }
       ],
     )
-    self.assertEqual(read_json(workdir, 'vae', checkpointing.CONFIG_FILE)['vae']['beta'], 0.5)
+    self.assertEqual(read_json(workdir, 'vae', run_dir.CONFIG_FILE)['vae']['beta'], 0.5)
     # The record now matches the new settings, and no longer the old ones.
     train_vae.check_recorded_settings(config, workdir)
     with self.assertRaisesRegex(checkpointing.ChangedSettingsError, 'recorded 0.5, requested 1.0'):
@@ -143,7 +136,7 @@ class ChangedSettingsTest(absltest.TestCase):
     with self.assertRaisesRegex(
       checkpointing.IncompatibleCheckpointError, 'encoder_features: recorded 8, requested 16'
     ) as refused:
-      launch.check_before_work(config, _finished, ['vae'], allow_changed_settings=True)
+      stages.check_before_work(config, _finished, ['vae'], allow_changed_settings=True)
     self.assertNotIsInstance(refused.exception, checkpointing.ChangedSettingsError)
 
   def test_reading_a_stage_rewrites_no_record(self):
@@ -151,7 +144,7 @@ class ChangedSettingsTest(absltest.TestCase):
     records = [
       os.path.join(stage, name)
       for stage in ('prior', 'vae')
-      for name in (checkpointing.SETTINGS_FILE, checkpointing.CONFIG_FILE)
+      for name in (run_dir.SETTINGS_FILE, run_dir.CONFIG_FILE)
     ]
     before = snapshot(workdir)
     config = tiny_run.config()
@@ -167,13 +160,13 @@ class DamagedArtifactsTest(absltest.TestCase):
 
   def _copy_artifacts(self) -> str:
     workdir = tempfile.mkdtemp()
-    for name in (pipeline.PARTBANK_FILE, pipeline.PARSES_FILE):
+    for name in (run_dir.BANK_FILE, run_dir.PARSES_FILE):
       shutil.copy2(os.path.join(_finished, name), workdir)
     return workdir
 
   def test_truncated_partbank_is_rebuilt(self):
     workdir = self._copy_artifacts()
-    path = os.path.join(workdir, pipeline.PARTBANK_FILE)
+    path = os.path.join(workdir, run_dir.BANK_FILE)
     with open(path, 'rb') as f:
       data = f.read()
     with open(path, 'wb') as f:
@@ -182,38 +175,38 @@ class DamagedArtifactsTest(absltest.TestCase):
     # The later stages say what to run instead of a BadZipFile.
     with self.assertRaisesRegex(errors.MissingArtifactError, 'run the bank and parse stages'):
       train_prior.load_parses(config, workdir, 'train')
-    pipeline.run_bank(config, workdir)
-    with np.load(path) as rebuilt, np.load(os.path.join(_finished, pipeline.PARTBANK_FILE)) as f:
+    bank_parse.run_bank(config, workdir)
+    with np.load(path) as rebuilt, np.load(os.path.join(_finished, run_dir.BANK_FILE)) as f:
       np.testing.assert_array_equal(rebuilt['parts'], f['parts'])
-    self.assertTrue(pipeline.is_current(config, workdir, 'bank'))
+    self.assertTrue(bank_parse.is_current(config, workdir, 'bank'))
 
   def test_flipped_byte_in_parses_is_rebuilt(self):
     workdir = self._copy_artifacts()
-    path = os.path.join(workdir, pipeline.PARSES_FILE)
+    path = os.path.join(workdir, run_dir.PARSES_FILE)
     with open(path, 'rb') as f:
       data = bytearray(f.read())
     data[len(data) // 2] ^= 0xFF
     with open(path, 'wb') as f:
       f.write(bytes(data))
     config = tiny_run.config()
-    self.assertFalse(pipeline.is_current(config, workdir, 'parse'))
-    pipeline.run_parse(config, workdir)
-    self.assertTrue(pipeline.is_current(config, workdir, 'parse'))
-    with np.load(path) as rebuilt, np.load(os.path.join(_finished, pipeline.PARSES_FILE)) as f:
+    self.assertFalse(bank_parse.is_current(config, workdir, 'parse'))
+    bank_parse.run_parse(config, workdir)
+    self.assertTrue(bank_parse.is_current(config, workdir, 'parse'))
+    with np.load(path) as rebuilt, np.load(os.path.join(_finished, run_dir.PARSES_FILE)) as f:
       for name in f.files:
         np.testing.assert_array_equal(rebuilt[name], f[name], name)
 
   def test_changed_array_with_a_valid_zip_fails_the_checksum(self):
     # A file rewritten whole (its zip checks pass) with one value changed.
     workdir = self._copy_artifacts()
-    path = os.path.join(workdir, pipeline.PARSES_FILE)
+    path = os.path.join(workdir, run_dir.PARSES_FILE)
     with np.load(path) as f:
       arrays = dict(f)
     arrays['test_what'][0, 0] += 1
     np.savez(path, **arrays)
     with zipfile.ZipFile(path) as z:
       self.assertIsNone(z.testzip())
-    self.assertFalse(pipeline.is_current(tiny_run.config(), workdir, 'parse'))
+    self.assertFalse(bank_parse.is_current(tiny_run.config(), workdir, 'parse'))
 
 
 class ReadOnlyTest(absltest.TestCase):
@@ -226,7 +219,7 @@ class ReadOnlyTest(absltest.TestCase):
       evaluate.run(config, workdir)
     self.assertEqual(os.listdir(workdir), [])
     # Past the parses: the prior stage is named, still without a write.
-    for name in (pipeline.PARTBANK_FILE, pipeline.PARSES_FILE):
+    for name in (run_dir.BANK_FILE, run_dir.PARSES_FILE):
       shutil.copy2(os.path.join(_finished, name), workdir)
     before = snapshot(workdir)
     with self.assertRaisesRegex(errors.MissingArtifactError, 'run the prior stage'):
@@ -236,11 +229,11 @@ class ReadOnlyTest(absltest.TestCase):
   def test_changed_bank_is_refused_before_the_bank_is_rebuilt(self):
     before = snapshot(_finished)
     config = tiny_run.config(**{'model.K': 12})
-    for stages in (ALL_STAGES, ['bank', 'parse']):
+    for names in (ALL_STAGES, ['bank', 'parse']):
       with self.assertRaisesRegex(
         checkpointing.IncompatibleCheckpointError, 'K: recorded 16, requested 12'
       ):
-        launch.check_before_work(config, _finished, stages, allow_changed_settings=True)
+        stages.check_before_work(config, _finished, names, allow_changed_settings=True)
     result = run_cli(_finished, '--config.model.K=12')
     self.assertEqual(result.returncode, 2, result.stderr[-3000:])
     self.assertIn('recorded 16, requested 12', result.stderr.strip().splitlines()[-1])
@@ -252,7 +245,7 @@ class ReadOnlyTest(absltest.TestCase):
     before = snapshot(workdir)
     script = (
       f'import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import tiny_run; '
-      'from npdraw_jax import evaluate; from experiments import launch, edit; '
+      'from npdraw_jax.stages import evaluate; from experiments import launch, edit; '
       f'print("SUMMARY", evaluate.run(tiny_run.config(), {workdir!r})["nll_iwae"]); '
       f'sys.argv = ["edit", "--workdir={workdir}", "--a=0", "--b=1", "--region=top", '
       f'"--out={out}/edit.png"]; launch.run_app(edit.main)'
@@ -269,7 +262,7 @@ class ReadOnlyTest(absltest.TestCase):
       if not as_root:
         subprocess.run(['chmod', '-R', 'u+w', workdir], check=True)
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    recorded = read_json(_finished, evaluate.EVAL_RECORD_FILE)['summary']
+    recorded = read_json(_finished, run_dir.EVAL_RECORD_FILE)['summary']
     self.assertIn(f'SUMMARY {recorded["nll_iwae"]}', result.stdout)
     self.assertTrue(os.path.exists(os.path.join(out, 'edit.png')))
     self.assertEqual(snapshot(workdir), before)
@@ -286,7 +279,7 @@ class EvalRecordTest(absltest.TestCase):
       json.loads(line) for line in metrics.splitlines() if json.loads(line)['stage'] == 'eval'
     ]
     self.assertLen(test_lines, 1)
-    record = read_json(workdir, evaluate.EVAL_RECORD_FILE)
+    record = read_json(workdir, run_dir.EVAL_RECORD_FILE)
     self.assertEqual(record['checkpoint']['which'], 'last')
     self.assertEqual(record['checkpoint']['step'], 10)
     self.assertEqual(test_lines[0]['nll_iwae'], record['summary']['nll_iwae'])

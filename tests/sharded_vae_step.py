@@ -12,7 +12,9 @@ import jax
 import numpy as np
 
 from configs import tiny
-from npdraw_jax import npdraw, sharding, train_lib, train_vae
+from npdraw_jax.infra import sharding, training
+from npdraw_jax.model import npdraw
+from npdraw_jax.stages import train_vae
 
 
 def main(path):
@@ -30,7 +32,7 @@ def main(path):
   prior_params = jax.jit(lambda k: npdraw.init_variables(model, k))(jax.random.key(1))['params'][
     'prior'
   ]
-  state = train_lib.init_replicated(train_vae.make_init_fn(config, model, prior_params), mesh)
+  state = training.init_replicated(train_vae.make_init_fn(config, model, prior_params), mesh)
   step = train_vae.make_train_step(model, config, mesh, steps_per_epoch=10)
   bank = sharding.replicate(bank, mesh)
   global_batch = sharding.to_global(batch, mesh)

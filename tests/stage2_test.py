@@ -13,7 +13,9 @@ from absl.testing import absltest, parameterized
 
 import references
 from configs import tiny
-from npdraw_jax import canvas, npdraw, sharding, train_vae
+from npdraw_jax.infra import sharding
+from npdraw_jax.model import canvas, npdraw
+from npdraw_jax.stages import train_vae
 
 BATCH = 4
 

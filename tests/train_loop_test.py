@@ -1,4 +1,4 @@
-"""train_lib.train_loop: the NaN guard, the loss-explosion warning, Ctrl-C, and
+"""training.train_loop: the NaN guard, the loss-explosion warning, Ctrl-C, and
 metrics.jsonl as the true history across resumes.
 
 The loop trains a linear regression (optax.sgd) with real Checkpoints in a
@@ -22,7 +22,8 @@ import optax
 import pytest
 from absl.testing import absltest
 
-from npdraw_jax import checkpointing, errors, interrupt, sharding, train_lib
+from npdraw_jax import errors
+from npdraw_jax.infra import checkpointing, interrupt, run_dir, sharding, training
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
@@ -34,8 +35,8 @@ _TRUE_W = np.array([1.0, -2.0, 0.5], np.float32)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _init_state() -> train_lib.TrainState:
-  return train_lib.TrainState.create(
+def _init_state() -> training.TrainState:
+  return training.TrainState.create(
     apply_fn=None,
     params={'w': jnp.zeros(3), 'b': jnp.zeros(())},
     tx=optax.sgd(0.1),
@@ -68,19 +69,19 @@ def _open(directory: str) -> checkpointing.Checkpoints:
   )
 
 
-def _run(directory: str, train_step=_sgd_step) -> train_lib.TrainState:
+def _run(directory: str, train_step=_sgd_step) -> training.TrainState:
   """One run of the loop in `directory`, resuming from its newest checkpoint.
 
   Its checkpoints are closed however it ends, so a crash's save in flight
   lands before the next run looks (a killed process may lose it instead).
   """
   checkpoints = _open(directory)
-  metrics_log = train_lib.MetricsLog(directory, 'stage')
+  metrics_log = training.MetricsLog(directory, 'stage')
   try:
-    state = train_lib.restore_or_init(checkpoints, _init_state, sharding.make_mesh())
+    state = training.restore_or_init(checkpoints, _init_state, sharding.make_mesh())
     if int(state.step) == 0:  # As the prior stage does: a line before training.
       metrics_log.write(0, 'test', {'baseline': 1.0})
-    return train_lib.train_loop(
+    return training.train_loop(
       stage='stage',
       state=state,
       train_step=train_step,
@@ -99,13 +100,13 @@ def _run(directory: str, train_step=_sgd_step) -> train_lib.TrainState:
 
 
 def _records(directory: str) -> list[dict]:
-  with open(os.path.join(directory, train_lib.METRICS_FILE)) as f:
+  with open(os.path.join(directory, run_dir.METRICS_FILE)) as f:
     return [json.loads(line) for line in f]
 
 
-def _restore_latest(directory: str) -> train_lib.TrainState:
+def _restore_latest(directory: str) -> training.TrainState:
   checkpoints = _open(directory)
-  state = checkpoints.restore(train_lib.abstract_state(_init_state, sharding.make_mesh()))
+  state = checkpoints.restore(training.abstract_state(_init_state, sharding.make_mesh()))
   checkpoints.close()
   return state
 

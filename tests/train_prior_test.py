@@ -13,7 +13,9 @@ import pytest
 from absl.testing import absltest, parameterized
 
 from configs import tiny
-from npdraw_jax import artifacts, partbank, pipeline, train_prior
+from npdraw_jax.infra import artifacts, run_dir
+from npdraw_jax.model import partbank
+from npdraw_jax.stages import bank_parse, train_prior
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
@@ -26,8 +28,10 @@ def two_drawings_workdir(config, copies=64):
   workdir = tempfile.mkdtemp()
   rng = np.random.default_rng(0)
   parts = rng.uniform(size=(16, 4, 4, 1)).astype(np.float32)
-  bank = partbank.PartBank(parts, np.ones(16, np.int64), 0.0, 16, 1, pipeline.bank_settings(config))
-  partbank.save(os.path.join(workdir, pipeline.PARTBANK_FILE), bank)
+  bank = partbank.PartBank(
+    parts, np.ones(16, np.int64), 0.0, 16, 1, bank_parse.bank_settings(config)
+  )
+  run_dir.save_bank(workdir, bank)
   drawings = {
     'pres': np.zeros((2, T), bool),
     'where': np.zeros((2, T), np.int32),
@@ -44,8 +48,8 @@ def two_drawings_workdir(config, copies=64):
     arrays.update({f'{split}_{k}': v[rows] for k, v in drawings.items()})
     arrays[f'{split}_index'] = np.arange(2 * copies)
     arrays[f'{split}_error'] = np.zeros(2 * copies, np.float32)
-  settings = np.asarray(artifacts.to_json(pipeline.parse_settings(config)))
-  artifacts.save_npz(os.path.join(workdir, pipeline.PARSES_FILE), settings=settings, **arrays)
+  settings = np.asarray(artifacts.to_json(bank_parse.parse_settings(config)))
+  artifacts.save_npz(os.path.join(workdir, run_dir.PARSES_FILE), settings=settings, **arrays)
   return workdir
 
 
@@ -83,7 +87,7 @@ class LearningTest(parameterized.TestCase):
     self.assertGreater(trained[-1]['nll'], math.log(2) - 1e-3)
     self.assertLess(trained[-1]['nll'], math.log(2) + 0.1)
     self.assertGreater(trained[0]['nll'], trained[-1]['nll'])
-    self.assertTrue(os.path.exists(os.path.join(workdir, train_prior.SAMPLES_FILE)))
+    self.assertTrue(os.path.exists(os.path.join(workdir, run_dir.PRIOR_SAMPLES_PICTURE)))
     with open(os.path.join(workdir, 'prior', 'config.json')) as f:
       self.assertEqual(json.load(f)['prior']['train_steps'], 150)
 

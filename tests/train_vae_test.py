@@ -15,7 +15,8 @@ import pytest
 from absl.testing import absltest
 
 from configs import tiny
-from npdraw_jax import checkpointing, pipeline, train_lib, train_prior, train_vae
+from npdraw_jax.infra import run_dir
+from npdraw_jax.stages import bank_parse, train_prior, train_vae
 
 pytestmark = pytest.mark.slow  # Minutes: started first (tests/conftest.py).
 
@@ -23,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def holdout_records(workdir):
-  with open(os.path.join(workdir, train_lib.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, run_dir.METRICS_FILE)) as f:
     records = [json.loads(line) for line in f]
   return [r for r in records if r['stage'] == 'vae' and r['split'] == 'holdout']
 
@@ -35,8 +36,8 @@ class ResumeTest(absltest.TestCase):
     config.vae.checkpoint_every = 3
     config.vae.keep_checkpoints = 5
     workdir = tempfile.mkdtemp()
-    pipeline.run_bank(config, workdir)
-    pipeline.run_parse(config, workdir)
+    bank_parse.run_bank(config, workdir)
+    bank_parse.run_parse(config, workdir)
     train_prior.train_and_evaluate(config, workdir)
     straight = train_vae.train_and_evaluate(config, workdir)
     # The held-out bound at every checkpoint; the best of them is kept.
@@ -52,7 +53,7 @@ class ResumeTest(absltest.TestCase):
     self.assertAlmostEqual(best.best()[1], lowest['nll_iwae'], places=5)
     best.close()
     self.assertEqual(
-      os.listdir(os.path.join(workdir, 'vae', checkpointing.BEST_DIR)), [str(lowest['step'])]
+      os.listdir(os.path.join(workdir, 'vae', run_dir.BEST_DIR)), [str(lowest['step'])]
     )
     # Stopped after step 3: step 6 was never saved.
     shutil.rmtree(os.path.join(workdir, 'vae', '6'))

@@ -1,4 +1,4 @@
-"""Tests for npdraw_jax.workdir_lock, in one process: flock treats two open
+"""Tests for npdraw_jax.infra.workdir_lock, in one process: flock treats two open
 files of one process as two holders, as it treats two processes.
 
 tests/launch_test.py checks the same through the command line, with a
@@ -13,7 +13,8 @@ import tempfile
 
 from absl.testing import absltest
 
-from npdraw_jax import errors, workdir_lock
+from npdraw_jax import errors
+from npdraw_jax.infra import run_dir, workdir_lock
 
 
 class WorkdirLockTest(absltest.TestCase):
@@ -21,7 +22,7 @@ class WorkdirLockTest(absltest.TestCase):
     super().setUp()
     self.workdir = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, self.workdir)
-    self.path = os.path.join(self.workdir, workdir_lock.LOCK_FILE)
+    self.path = os.path.join(self.workdir, run_dir.LOCK_FILE)
 
   def test_second_holder_is_refused_with_the_first_ones_pid_and_host(self):
     lock = workdir_lock.acquire(self.workdir)

@@ -5,13 +5,12 @@ From the math up:
 - `hard_sample`, `score_hard_samples`, `log_importance_weights`, `iwae_bounds`:
   S hard samples z_s ~ q(z | x), scored by the prior, the decoder and q, and
   the bounds at each S with the NP-DRAW authors' estimate (not a bound);
-- `make_eval_step`, `test_bounds`, `summarise`: the bound over a whole split,
-  jitted and sharded, as means, standard errors and bits per dimension.
-The eval stage, stage 2's held-out check (which picks the best checkpoint) and
-the baseline VAE all compute their bounds here.
+- `summarise`: per-image bounds as means, standard errors and bits per dimension.
+stages/scoring.py runs these over a whole split, jitted and sharded, for the
+eval stage, stage 2's held-out check (which picks the best checkpoint) and the
+baseline VAE.
 """
 
-import collections
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
-from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import distributions, errors, input_pipeline, losses, npdraw, sharding
+from npdraw_jax import errors
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model import distributions, npdraw, prior_likelihood
 
 
 def draw_log_weights(
@@ -103,7 +102,9 @@ def hard_sample(key: jax.Array, q: dict, num_samples: int):
   where = jax.random.categorical(k_where, q['where'], shape=shape).astype(jnp.int32)
   what = jax.random.categorical(k_what, q['what'], shape=shape).astype(jnp.int32)
   q_per_sample = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_samples, *x.shape)), q)
-  return (pres, where, what), losses.prior_sequence_log_prob(q_per_sample, pres, where, what)
+  return (pres, where, what), prior_likelihood.prior_sequence_log_prob(
+    q_per_sample, pres, where, what
+  )
 
 
 class ScoredSamples(NamedTuple):
@@ -152,7 +153,7 @@ def score_hard_samples(
   render_args = (model.grid, bank, pres, where, what, model.prior.history)
   canvases, maps = canvas_lib.render_sampled_steps(*render_args)
   p = prior(canvas_lib.states_before(canvases, maps))
-  log_pz = losses.prior_sequence_log_prob(p, flat(pres), flat(where), flat(what))
+  log_pz = prior_likelihood.prior_sequence_log_prob(p, flat(pres), flat(where), flat(what))
   out, _ = npdraw.decode(model, variables, flat(canvases[:, :, -1]), train=False)
   repeated = flat(jnp.broadcast_to(images, (num_samples, *images.shape)))
   log_px = -distributions.nll(model.likelihood, out, repeated, model.num_mixtures)
@@ -266,40 +267,6 @@ def sample_chunk(num_samples: int, chunk_size: int, field: str) -> int:
   return chunk
 
 
-def make_eval_step(
-  model: npdraw.NPDraw,
-  mesh,
-  sample_counts: tuple[int, ...],
-  chunk_size: int,
-  authors_samples: int = 0,
-):
-  """Jitted (variables, bank, batch, key) -> per-image bounds and 'mask' [B].
-
-  The bounds of bound.iwae_bounds at sample_counts; with authors_samples =
-  S > 0 also f'nll_authors_{S}' (from the first S of the same samples). At
-  most chunk_size samples per pass. The outputs are replicated so that every
-  process sees the whole global batch.
-  """
-  if authors_samples < 0:
-    raise errors.ConfigError(
-      f'eval.authors_samples must be 0 (off) or positive, got {authors_samples}.'
-    )
-  num_samples = samples_drawn(sample_counts, authors_samples)
-  field = 'eval.authors_samples' if authors_samples > max(sample_counts) else 'eval.iwae_samples'
-  chunk = sample_chunk(num_samples, chunk_size, field)
-
-  def eval_step(variables, bank, batch, key):
-    out = iwae_bounds(
-      model, variables, bank, batch['image'], key, sample_counts, chunk, authors_samples
-    )
-    return {**out, 'mask': batch['mask']}
-
-  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  return jax.jit(
-    eval_step, in_shardings=(replicated, replicated, batched, replicated), out_shardings=replicated
-  )
-
-
 def summarise(per_image: dict[str, np.ndarray], num_dims: int, is_8bit: bool) -> dict[str, float]:
   """Means over test images, standard errors of the means, and bits/dim.
 
@@ -318,40 +285,3 @@ def summarise(per_image: dict[str, np.ndarray], num_dims: int, is_8bit: bool) ->
   out['iwae_samples'] = largest
   out['test_images'] = len(per_image['nll_iwae'])
   return out
-
-
-def test_bounds(
-  config: ml_collections.ConfigDict,
-  test: input_pipeline.Split,
-  mesh,
-  bounds_fn: Callable[[dict, jax.Array], dict],
-  is_8bit: bool,
-  description: str = '',
-) -> dict[str, float]:
-  """The summary (see summarise) of per-image bounds over the whole split `test`
-  (the test split or the held-out one, whole on every process: each process
-  serves its part of each global batch, and every process gets every bound).
-
-  bounds_fn(global batch {'image', 'mask'}, key) -> per-image bounds and 'mask',
-  replicated; eval_batches binarises the images alike for every model and every
-  call, and the keys are the same at every call (a fair comparison of
-  checkpoints). description: the progress bar's, by default the eval's S.
-  """
-  batch_size = config.eval.batch_size
-  sharding.check_batch_size(batch_size, 'eval.batch_size')
-  key = jax.random.fold_in(jax.random.key(config.seed), 3)
-  per_image = collections.defaultdict(list)
-  batches = input_pipeline.eval_batches(
-    test, config.data, batch_size, config.seed, jax.process_index(), jax.process_count()
-  )
-  num_batches = -(-test.num_examples // batch_size)
-  description = description or f'eval (S = {", ".join(map(str, iwae_sample_counts(config)))})'
-  for b, batch in enumerate(tqdm(batches, total=num_batches, desc=description, unit='batch')):
-    batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
-    bounds = jax.device_get(bounds_fn(batch, jax.random.fold_in(key, b)))
-    mask = bounds.pop('mask')
-    for name, values in bounds.items():
-      per_image[name].append(values[mask])
-  per_image = {k: np.concatenate(v) for k, v in per_image.items()}
-  image_dims = config.data.image_size**2 * config.data.channels
-  return summarise(per_image, image_dims, is_8bit)

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from absl import logging
 
 from npdraw_jax import errors
+from npdraw_jax.infra import run_dir
 
-LOCK_FILE = '.lock'
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
@@ -69,7 +69,7 @@ def acquire(workdir: str) -> WorkdirLock:
     errors.WorkdirLockedError: another live process holds it; the message
       names its pid, host and start time.
   """
-  path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+  path = os.path.join(os.path.abspath(workdir), run_dir.LOCK_FILE)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from npdraw_jax import canvas as canvas_lib
 from npdraw_jax import errors
+from npdraw_jax.model import canvas as canvas_lib
 
 ORDERS = ('raster', 'greedy')
 

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from npdraw_jax import platform_kernels
-from npdraw_jax.models import layers
+from npdraw_jax.model import platform_kernels
+from npdraw_jax.model.nets import layers
 
 
 def _check_upsample(upsample: int) -> None:

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import platform_kernels
-from npdraw_jax.models import dropout, layers
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model import platform_kernels
+from npdraw_jax.model.nets import dropout, layers
 
 # PyTorch's nn.LayerNorm default, which the authors' blocks use.
 AUTHORS_LAYER_NORM_EPSILON = 1e-5

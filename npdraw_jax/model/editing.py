@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from npdraw_jax import canvas as canvas_lib
+from npdraw_jax.model import canvas as canvas_lib
 
 NAMED_REGIONS = ('top', 'bottom', 'left', 'right')
 

@@ -8,7 +8,7 @@ E block max-pools its pool branch. Module names follow torchvision's attribute
 names, so a converted state_dict maps onto the variables name for name (see
 npdraw_jax/convert_inception.py). Batch norm uses the stored statistics.
 
-Input: NHWC images already resized and scaled to [-1, 1] (npdraw_jax/fid.py
+Input: NHWC images already resized and scaled to [-1, 1] (npdraw_jax/stages/fid.py
 does that); any size from 75x75 up, FID uses 299x299.
 """
 

@@ -13,11 +13,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from npdraw_jax import artifacts, errors, input_pipeline, parsing, partbank, pictures
-from npdraw_jax import canvas as canvas_lib
+from npdraw_jax import errors
+from npdraw_jax.infra import artifacts, input_pipeline, pictures, run_dir
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model import parsing, partbank
 
-PARTBANK_FILE = 'partbank.npz'
-PARSES_FILE = 'parses.npz'
 SPLITS = ('train', 'test')
 
 
@@ -51,10 +51,10 @@ def is_current(config: ml_collections.ConfigDict, workdir: str, stage: str) -> b
   """Whether the artifact of stage 'bank' or 'parse' in workdir is intact and
   made under this configuration (so that running the stage writes nothing)."""
   name, settings = {
-    'bank': (PARTBANK_FILE, bank_settings),
-    'parse': (PARSES_FILE, parse_settings),
+    'bank': (run_dir.BANK_FILE, bank_settings),
+    'parse': (run_dir.PARSES_FILE, parse_settings),
   }[stage]
-  return artifacts.is_current(os.path.join(workdir, name), settings(config))
+  return run_dir.is_current(workdir, name, settings(config))
 
 
 def build_bank(config: ml_collections.ConfigDict, images: np.ndarray) -> partbank.PartBank:
@@ -81,10 +81,9 @@ def _canvas_images(split: input_pipeline.Split) -> np.ndarray:
 
 def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBank:
   """Builds DIR/partbank.npz (and partbank.png) unless it is current."""
-  path = os.path.join(workdir, PARTBANK_FILE)
   if is_current(config, workdir, 'bank'):
-    logging.info('Stage bank: %s is current; skipping.', path)
-    return partbank.load(path)
+    logging.info('Stage bank: %s is current; skipping.', os.path.join(workdir, run_dir.BANK_FILE))
+    return run_dir.load_bank(workdir)
   train = input_pipeline.load_split(config.data, 'train')
   logging.info('Stage bank: clustering patches of %d training images.', train.num_examples)
   start = time.perf_counter()
@@ -98,27 +97,27 @@ def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBa
     time.perf_counter() - start,
   )
   if jax.process_index() == 0:
-    partbank.save(path, bank)
+    run_dir.save_bank(workdir, bank)
     # Parts are small: show them large, most used first.
     columns = int(np.ceil(np.sqrt(len(bank.parts))))
-    pictures.save_grid(os.path.join(workdir, 'partbank.png'), bank.parts, columns, scale=8)
+    picture = os.path.join(workdir, run_dir.BANK_PICTURE)
+    pictures.save_grid(picture, bank.parts, columns, scale=8)
   return bank
 
 
 def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
   """Parses both splits into DIR/parses.npz (and parses.png) unless current."""
-  path = os.path.join(workdir, PARSES_FILE)
+  path = os.path.join(workdir, run_dir.PARSES_FILE)
   if is_current(config, workdir, 'parse'):
     logging.info('Stage parse: %s is current; skipping.', path)
-    with np.load(path) as f:
-      return dict(f)
-  bank_path = os.path.join(workdir, PARTBANK_FILE)
+    return run_dir.artifact(workdir, run_dir.PARSES_FILE)
+  bank_path = os.path.join(workdir, run_dir.BANK_FILE)
   if not is_current(config, workdir, 'bank'):
     raise errors.MissingArtifactError(
       f'Stage parse needs the part bank of this configuration at {bank_path}: '
       'run the bank stage first (--stages=bank,parse).'
     )
-  bank = partbank.load(bank_path)
+  bank = run_dir.load_bank(workdir)
   grid = canvas_lib.grid_from_config(config)
   arrays = {}
   for name in SPLITS:
@@ -154,7 +153,8 @@ def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.n
       }
     )
     if name == 'test' and jax.process_index() == 0:
-      _save_parse_picture(os.path.join(workdir, 'parses.png'), grid, bank, images, parse)
+      picture = os.path.join(workdir, run_dir.PARSES_PICTURE)
+      _save_parse_picture(picture, grid, bank, images, parse)
   if jax.process_index() == 0:
     settings = np.asarray(artifacts.to_json(parse_settings(config)))
     artifacts.save_npz(path, settings=settings, **arrays)

@@ -30,10 +30,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from npdraw_jax import artifacts, errors
+from npdraw_jax import errors
+from npdraw_jax.infra import artifacts, run_dir
 
-SETTINGS_FILE = 'settings.json'
-CONFIG_FILE = 'config.json'  # The whole configuration of the latest training run.
 TRAINING_KEY, CHANGES_KEY = 'training', 'changes'
 ALLOW_FLAG = '--allow_changed_settings'  # The launcher's flag that allows changed training.
 
@@ -92,11 +91,10 @@ def config_fields(config: ml_collections.ConfigDict, fields) -> dict[str, Any]:
 
 def read_record(directory: str) -> dict | None:
   """The settings record of a stage directory, or None when there is none."""
-  path = os.path.join(os.path.abspath(directory), SETTINGS_FILE)
+  path = os.path.join(os.path.abspath(directory), run_dir.SETTINGS_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return run_dir.read_json(path)
 
 
 def recorded_training(record: dict) -> dict | None:
@@ -230,12 +228,12 @@ class Checkpoints:
     )
 
   def _write_record(self, record: dict) -> None:
-    artifacts.save_json(os.path.join(self.directory, SETTINGS_FILE), record)
+    artifacts.save_json(os.path.join(self.directory, run_dir.SETTINGS_FILE), record)
 
   def _write_config(self) -> None:
     if self._config is not None:
       config = json.loads(self._config.to_json_best_effort())
-      artifacts.save_json(os.path.join(self.directory, CONFIG_FILE), config)
+      artifacts.save_json(os.path.join(self.directory, run_dir.CONFIG_FILE), config)
 
   def record_training(self, step: int) -> None:
     """Records that the stage trains from `step` under this run's settings:
@@ -285,9 +283,6 @@ class Checkpoints:
     self._manager.close()
 
 
-BEST_DIR = 'best'
-
-
 class BestCheckpoint:
   """The checkpoint with the lowest value of a metric so far, in DIRECTORY/best.
 
@@ -303,7 +298,7 @@ class BestCheckpoint:
   """
 
   def __init__(self, directory: str, metric: str, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(directory), BEST_DIR)
+    self.directory = os.path.join(os.path.abspath(directory), run_dir.BEST_DIR)
     self.metric = metric
     self._best = None
     self._manager = None
@@ -362,11 +357,10 @@ class BestCheckpoint:
 
 def read_config(directory: str) -> ml_collections.ConfigDict:
   """The configuration a stage wrote beside its checkpoints in DIR/STAGE."""
-  path = os.path.join(os.path.abspath(directory), CONFIG_FILE)
+  path = os.path.join(os.path.abspath(directory), run_dir.CONFIG_FILE)
   if not os.path.exists(path):
     workdir, stage = os.path.split(os.path.abspath(directory))
     raise errors.MissingArtifactError(
       f'{path} is missing: run the {stage} stage in {workdir} first.'
     )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(run_dir.read_json(path))

@@ -18,9 +18,9 @@ from absl import logging
 from flax.training import train_state
 from tqdm import tqdm
 
-from npdraw_jax import checkpointing, errors, interrupt, sharding
+from npdraw_jax import errors
+from npdraw_jax.infra import checkpointing, interrupt, run_dir, sharding
 
-METRICS_FILE = 'metrics.jsonl'
 LOSS_NAMES = ('loss', 'nll')  # The stages' names of their training objective.
 EXPLOSION_FACTOR = 100.0  # A logged loss this many times the run's median so far warns.
 # How many dispatched steps may be unfinished on the device (JAX runs ahead of
@@ -90,14 +90,14 @@ class MetricsLog:
   def __init__(self, workdir: str, stage: str):
     self.stage = stage
     self._writes = jax.process_index() == 0
-    self._path = os.path.join(workdir, METRICS_FILE)
+    self._path = os.path.join(workdir, run_dir.METRICS_FILE)
     # Imported here: clu's writer imports TensorFlow (5 s), which only a
     # stage that logs needs, not the API, the explorer or a refused command.
     hide_accelerators_from_tensorflow()
     from clu import metric_writers
 
     self._writer = metric_writers.create_default_writer(
-      os.path.join(workdir, 'tensorboard', stage), just_logging=not self._writes
+      os.path.join(workdir, run_dir.TENSORBOARD_DIR, stage), just_logging=not self._writes
     )
 
   def drop_after(self, step: int) -> None:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from npdraw_jax import platform_kernels
+from npdraw_jax.model import platform_kernels
 
 
 class Dropout(nn.Module):

@@ -15,8 +15,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from npdraw_jax import canvas as canvas_lib
-from npdraw_jax.models import prior as prior_lib
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model.nets import prior as prior_lib
 
 
 class Samples(NamedTuple):

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from npdraw_jax import errors, platform_kernels
+from npdraw_jax import errors
+from npdraw_jax.model import platform_kernels
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 NETWORKS = ('authors', 'ours')

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npdraw_jax import errors, platform_kernels
+from npdraw_jax import errors
+from npdraw_jax.model import platform_kernels
 
 PRIOR_HISTORIES = ('every_step', 'drawn')
 

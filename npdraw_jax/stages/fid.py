@@ -27,7 +27,7 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from npdraw_jax import errors
-from npdraw_jax.models import inception
+from npdraw_jax.model.nets import inception
 
 INPUT_SIZE = 299
 CONVERT_COMMAND = (

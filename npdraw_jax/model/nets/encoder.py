@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from npdraw_jax import errors
-from npdraw_jax.models import layers
+from npdraw_jax.model.nets import layers
 
 HEADS = ('mlp', 'fcn')
 

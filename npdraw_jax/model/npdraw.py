@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import distributions, errors, gumbel, platform_kernels
-from npdraw_jax.models import decoder as decoder_lib
-from npdraw_jax.models import encoder as encoder_lib
-from npdraw_jax.models import layers
-from npdraw_jax.models import prior as prior_lib
+from npdraw_jax import errors
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model import distributions, gumbel, platform_kernels
+from npdraw_jax.model.nets import decoder as decoder_lib
+from npdraw_jax.model.nets import encoder as encoder_lib
+from npdraw_jax.model.nets import layers
+from npdraw_jax.model.nets import prior as prior_lib
 
 
 @dataclasses.dataclass(frozen=True)

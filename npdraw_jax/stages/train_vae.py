@@ -21,26 +21,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from npdraw_jax import (
-  bound,
-  canvas,
-  checkpointing,
-  errors,
-  input_pipeline,
-  npdraw,
-  partbank,
-  pipeline,
-  sharding,
-  train_lib,
-  train_prior,
-)
+from npdraw_jax import errors
+from npdraw_jax.infra import checkpointing, input_pipeline, run_dir, sharding, training
+from npdraw_jax.model import bound, canvas, npdraw
+from npdraw_jax.stages import scoring, train_prior
 
 STAGE = 'vae'
 HOLDOUT_METRIC = 'nll_iwae'  # The held-out bound that selects the best checkpoint.
 PARSE_KEYS = ('pres', 'where', 'what')
 
 
-class TrainState(train_lib.TrainState):
+class TrainState(training.TrainState):
   """Adds the encoder's and decoder's batch-norm statistics."""
 
   batch_stats: dict
@@ -120,10 +111,9 @@ def training_settings(config: ml_collections.ConfigDict) -> dict:
 class ParseLookup:
   """The parse of each example id of a split (ids come with every batch)."""
 
-  def __init__(self, parses_path: str, split: str):
-    with np.load(parses_path) as f:
-      self.ids = f[f'{split}_index']
-      self.sequences = {k: f[f'{split}_{k}'] for k in PARSE_KEYS}
+  def __init__(self, parses: dict[str, np.ndarray]):
+    self.ids = parses['index']
+    self.sequences = {k: parses[k] for k in PARSE_KEYS}
     self.order = np.argsort(self.ids, kind='stable')
 
   def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -194,7 +184,7 @@ def check_recorded_settings(
 ) -> None:
   """Raises when DIR/vae holds checkpoints of other settings; writes nothing."""
   checkpointing.check_settings(
-    os.path.join(workdir, STAGE),
+    os.path.join(workdir, run_dir.VAE_DIR),
     checkpoint_settings(config),
     training_settings(config),
     allow_changed_settings,
@@ -206,7 +196,7 @@ def open_checkpoints(
 ) -> checkpointing.Checkpoints:
   """The stage-2 checkpoints in DIR/vae, checked against the configuration."""
   return checkpointing.Checkpoints(
-    os.path.join(workdir, STAGE),
+    os.path.join(workdir, run_dir.VAE_DIR),
     checkpoint_settings(config),
     keep=config.vae.keep_checkpoints,
     every=config.vae.checkpoint_every,
@@ -219,7 +209,9 @@ def open_checkpoints(
 
 def open_best_checkpoint(workdir: str, read_only: bool = False) -> checkpointing.BestCheckpoint:
   """DIR/vae/best: the stage-2 checkpoint with the lowest held-out bound so far."""
-  return checkpointing.BestCheckpoint(os.path.join(workdir, STAGE), HOLDOUT_METRIC, read_only)
+  return checkpointing.BestCheckpoint(
+    os.path.join(workdir, run_dir.VAE_DIR), HOLDOUT_METRIC, read_only
+  )
 
 
 def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestCheckpoint):
@@ -234,11 +226,11 @@ def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestC
   holdout = input_pipeline.load_split(
     config.data, 'holdout'
   )  # Whole, as the eval stage's test split.
-  eval_step = bound.make_eval_step(model, mesh, (num_samples,), config.eval.chunk_size)
+  eval_step = scoring.make_eval_step(model, mesh, (num_samples,), config.eval.chunk_size)
 
   def evaluate_holdout(state: TrainState) -> dict[str, float]:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    summary = bound.test_bounds(
+    summary = scoring.test_bounds(
       config,
       holdout,
       mesh,
@@ -266,13 +258,11 @@ def train_and_evaluate(
   under training settings other than those recorded (else that is an error).
   """
   v = config.vae
-  train_prior.load_parses(config, workdir, 'train')  # Fails clearly when missing or stale.
   local_batch = sharding.check_batch_size(v.batch_size, 'vae.batch_size')
   mesh = sharding.make_mesh()
-  bank = sharding.replicate(
-    jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
-  )
-  parses = ParseLookup(os.path.join(workdir, pipeline.PARSES_FILE), 'train')
+  bank = sharding.replicate(jnp.asarray(run_dir.load_bank(workdir).parts), mesh)
+  # Fails clearly when the parses are missing or stale.
+  parses = ParseLookup(train_prior.load_parses(config, workdir, 'train', PARSE_KEYS + ('index',)))
   train = input_pipeline.load_split(config.data, 'train', jax.process_index(), jax.process_count())
   steps_per_epoch = input_pipeline.steps_per_epoch(train.num_examples, local_batch)
   num_steps = num_train_steps(config, train.num_examples * jax.process_count())
@@ -280,7 +270,7 @@ def train_and_evaluate(
   model = npdraw.make_model(config)
   prior_params = train_prior.restore_trained_params(config, workdir, mesh, allow_changed_settings)
   checkpoints = open_checkpoints(config, workdir, allow_changed_settings)
-  state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model, prior_params), mesh)
+  state = training.restore_or_init(checkpoints, make_init_fn(config, model, prior_params), mesh)
   train_prior.record_training(checkpoints, int(jax.device_get(state.step)), num_steps, STAGE)
   train_step = make_train_step(model, config, mesh, steps_per_epoch)
 
@@ -293,8 +283,8 @@ def train_and_evaluate(
     return sharding.to_global(batch, mesh)
 
   best = open_best_checkpoint(workdir) if config.data.holdout_size > 0 else None
-  metrics_log = train_lib.MetricsLog(workdir, STAGE)
-  state = train_lib.train_loop(
+  metrics_log = training.MetricsLog(workdir, STAGE)
+  state = training.train_loop(
     stage=STAGE,
     state=state,
     train_step=lambda s, b: train_step(s, bank, b),
@@ -373,7 +363,7 @@ def restore_trained_model(
   init_fn = make_init_fn(config, model, prior_params)
   if best is None:
     logging.info('Using the last VAE checkpoint, step %d.', checkpoints.latest_step())
-    state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
+    state = training.restore_or_init(checkpoints, init_fn, mesh)
   else:
     found = best.best()
     logging.info(
@@ -384,7 +374,7 @@ def restore_trained_model(
       found[1],
       checkpoints.latest_step(),
     )
-    state = best.restore(train_lib.abstract_state(init_fn, mesh))
+    state = best.restore(training.abstract_state(init_fn, mesh))
     best.close()
   checkpoints.close()
   return model, state

@@ -18,45 +18,37 @@ import numpy as np
 import optax
 from absl import logging
 
-from npdraw_jax import canvas as canvas_lib
-from npdraw_jax import (
-  checkpointing,
-  errors,
-  input_pipeline,
-  losses,
-  partbank,
-  pictures,
-  pipeline,
-  sampling,
-  sharding,
-  train_lib,
-)
-from npdraw_jax.models import prior as prior_lib
+from npdraw_jax import errors
+from npdraw_jax.infra import checkpointing, input_pipeline, pictures, run_dir, sharding, training
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model import prior_likelihood, sampling
+from npdraw_jax.model.nets import prior as prior_lib
+from npdraw_jax.stages import bank_parse
 
 STAGE = 'prior'
-SAMPLES_FILE = 'prior_samples.png'
 SEQUENCE_KEYS = ('pres', 'where', 'what')
 
 
-def load_parses(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
-  """{'pres', 'where', 'what'} [N, T] of a split, checked against the config."""
-  path = os.path.join(workdir, pipeline.PARSES_FILE)
+def load_parses(
+  config: ml_collections.ConfigDict, workdir: str, split: str, keys=SEQUENCE_KEYS
+) -> dict:
+  """The arrays `keys` (by default 'pres', 'where', 'what' [N, T]) of a split's
+  parses, checked against the config."""
   # The bank too: the later stages load it. A damaged file was logged as such.
-  for stage, name in (('parse', pipeline.PARSES_FILE), ('bank', pipeline.PARTBANK_FILE)):
-    if not pipeline.is_current(config, workdir, stage):
+  for stage, name in (('parse', run_dir.PARSES_FILE), ('bank', run_dir.BANK_FILE)):
+    if not bank_parse.is_current(config, workdir, stage):
       raise errors.MissingArtifactError(
         f'{os.path.join(workdir, name)} is missing or was made under other settings: run '
         'the bank and parse stages first (--stages=bank,parse).'
       )
-  with np.load(path) as f:
-    return {k: f[f'{split}_{k}'] for k in SEQUENCE_KEYS}
+  return run_dir.load_parses(workdir, split, keys)
 
 
 def checkpoint_settings(config: ml_collections.ConfigDict, num_locations: int) -> dict:
   """What a prior checkpoint must agree with: its shapes and training data."""
   p = config.prior
   return {
-    'parses': pipeline.parse_settings(config),
+    'parses': bank_parse.parse_settings(config),
     'model': {
       'T': config.model.T,
       'K': config.model.K,
@@ -128,7 +120,7 @@ def teacher_forced_logits(model, params, grid, bank, sequences, train=False, rng
 def _nll(model, params, grid, bank, sequences, train=False, rngs=None):
   """-log p(z) of each sequence, [B] nats."""
   logits = teacher_forced_logits(model, params, grid, bank, sequences, train, rngs)
-  return -losses.prior_sequence_log_prob(logits, *(sequences[k] for k in SEQUENCE_KEYS))
+  return -prior_likelihood.prior_sequence_log_prob(logits, *(sequences[k] for k in SEQUENCE_KEYS))
 
 
 def make_steps(model, grid, mesh, schedule):
@@ -170,7 +162,7 @@ def make_init_fn(config: ml_collections.ConfigDict, model: prior_lib.Prior, sche
   def init_fn():
     history = jnp.zeros((1, model.num_steps, side, side, channels))
     params = model.init(init_key, history, history[..., :1], jnp.arange(model.num_steps))
-    return train_lib.TrainState.create(
+    return training.TrainState.create(
       apply_fn=model.apply, params=params['params'], tx=tx, rng=loop_key
     )
 
@@ -182,7 +174,7 @@ def check_recorded_settings(
 ) -> None:
   """Raises when DIR/prior holds checkpoints of other settings; writes nothing."""
   checkpointing.check_settings(
-    os.path.join(workdir, STAGE),
+    os.path.join(workdir, run_dir.PRIOR_DIR),
     checkpoint_settings(config, canvas_lib.grid_from_config(config).num_locations),
     training_settings(config),
     allow_changed_settings,
@@ -194,7 +186,7 @@ def open_checkpoints(
 ) -> checkpointing.Checkpoints:
   """The stage-1 checkpoints in DIR/prior, checked against the configuration."""
   return checkpointing.Checkpoints(
-    os.path.join(workdir, STAGE),
+    os.path.join(workdir, run_dir.PRIOR_DIR),
     checkpoint_settings(config, grid.num_locations),
     keep=config.prior.keep_checkpoints,
     every=config.prior.checkpoint_every,
@@ -230,8 +222,8 @@ def restore_trained_params(
   grid = canvas_lib.grid_from_config(config)
   model = prior_lib.make_prior(config, grid.num_locations)
   p = config.prior
-  schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
-  state = train_lib.restore_or_init(checkpoints, make_init_fn(config, model, schedule), mesh)
+  schedule = training.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
+  state = training.restore_or_init(checkpoints, make_init_fn(config, model, schedule), mesh)
   checkpoints.close()
   return state.params
 
@@ -260,7 +252,7 @@ def _rows_of_process(*arrays: np.ndarray):
 
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
-) -> train_lib.TrainState:
+) -> training.TrainState:
   """Trains (or finishes training) the prior; returns the final state.
 
   allow_changed_settings: continue DIR/prior's checkpoints under training
@@ -269,17 +261,17 @@ def train_and_evaluate(
   grid = canvas_lib.grid_from_config(config)
   train_parses = load_parses(config, workdir, 'train')  # Current parses imply a current bank.
   test_parses = load_parses(config, workdir, 'test')
-  bank_host = partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts
+  bank_host = run_dir.load_bank(workdir).parts
   p = config.prior
   sharding.check_batch_size(p.batch_size, 'prior.batch_size')
   mesh = sharding.make_mesh()
   bank = sharding.replicate(jnp.asarray(bank_host), mesh)
 
   model = prior_lib.make_prior(config, grid.num_locations)
-  schedule = train_lib.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
+  schedule = training.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
   init_fn = make_init_fn(config, model, schedule)
   checkpoints = open_checkpoints(config, workdir, grid, allow_changed_settings)
-  state = train_lib.restore_or_init(checkpoints, init_fn, mesh)
+  state = training.restore_or_init(checkpoints, init_fn, mesh)
   record_training(checkpoints, int(jax.device_get(state.step)), p.train_steps, STAGE)
   train_step, eval_step = make_steps(model, grid, mesh, schedule)
   num_train = len(train_parses['pres'])
@@ -296,16 +288,16 @@ def train_and_evaluate(
         _rows_of_process, input_pipeline.eval_rows(len(test_parses['pres']), p.batch_size)
       )
     )
-    return train_lib.evaluate_in_batches(lambda s, b: eval_step(s, bank, b), state, batches, mesh)
+    return training.evaluate_in_batches(lambda s, b: eval_step(s, bank, b), state, batches, mesh)
 
-  metrics_log = train_lib.MetricsLog(workdir, STAGE)
+  metrics_log = training.MetricsLog(workdir, STAGE)
   if int(state.step) == 0:
     baseline = history_free_nll(train_parses, test_parses, grid.num_locations, config.model.K)
     logging.info(
       'Stage %s: a history-free prior scores %.3f nats on the test parses.', STAGE, baseline
     )
     metrics_log.write(0, 'test', {'nll_history_free': baseline})
-  state = train_lib.train_loop(
+  state = training.train_loop(
     stage=STAGE,
     state=state,
     train_step=lambda s, b: train_step(s, bank, b),
@@ -334,4 +326,4 @@ def write_samples(config, workdir, model, params, grid, bank) -> None:
   samples = sampler(params, bank, key, p.sample_temperature)
   final = np.asarray(samples.canvases[:, -1])
   columns = int(np.ceil(np.sqrt(len(final))))
-  pictures.save_grid(os.path.join(workdir, SAMPLES_FILE), final, columns, scale=3)
+  pictures.save_grid(os.path.join(workdir, run_dir.PRIOR_SAMPLES_PICTURE), final, columns, scale=3)

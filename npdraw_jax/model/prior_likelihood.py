@@ -1,11 +1,11 @@
 """The prior's log-likelihood of step sequences (docs/model.md, section 4); the bound
-built on it is in npdraw_jax/bound.py."""
+built on it is in npdraw_jax/model/bound.py."""
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from npdraw_jax import distributions
+from npdraw_jax.model import distributions
 
 
 def prior_step_log_prob(

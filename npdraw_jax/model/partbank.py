@@ -9,16 +9,12 @@ patches.
 
 import dataclasses
 import functools
-import json
-import os
 from collections.abc import Iterator
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from npdraw_jax import artifacts, errors
 
 # Up to this many candidate patches, sample them without replacement from an
 # explicit permutation; beyond it, draw positions at random in chunks.
@@ -281,33 +277,3 @@ def build(
     iterations=int(iters),
     settings=dict(settings or {}),
   )
-
-
-def save(path: str, bank: PartBank) -> None:
-  """Writes the bank as an .npz file (atomically)."""
-  artifacts.save_npz(
-    path,
-    parts=bank.parts.astype(np.float32),
-    counts=bank.counts,
-    inertia=np.float64(bank.inertia),
-    num_patches=np.int64(bank.num_patches),
-    iterations=np.int64(bank.iterations),
-    settings=np.asarray(artifacts.to_json(bank.settings)),
-  )
-
-
-def load(path: str) -> PartBank:
-  """Reads a bank written by `save`; a MissingArtifactError when there is none."""
-  if not os.path.exists(path):
-    raise errors.MissingArtifactError(
-      f'{path} is missing: run the bank stage first (--stages=bank).'
-    )
-  with np.load(path) as f:
-    return PartBank(
-      parts=f['parts'],
-      counts=f['counts'],
-      inertia=float(f['inertia']),
-      num_patches=int(f['num_patches']),
-      iterations=int(f['iterations']),
-      settings=json.loads(str(f['settings'])),
-    )

@@ -13,7 +13,7 @@ test split; writes the means and standard errors to DIR/metrics.jsonl (stage
 DIR/drawing.gif; DIR/eval.json records the evaluated checkpoint, the eval
 settings and the summary, so that a rerun of the same eval is skipped. It
 reads the earlier stages' outputs only. The bound is computed in
-npdraw_jax/bound.py, as for stage 2's held-out check.
+npdraw_jax/model/bound.py, as for stage 2's held-out check.
 """
 
 import json
@@ -26,30 +26,26 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from npdraw_jax import (
-  api,
+from npdraw_jax import errors
+from npdraw_jax.infra import (
   artifacts,
-  bound,
   checkpointing,
-  distributions,
-  fid,
   input_pipeline,
-  npdraw,
-  partbank,
   pictures,
-  pipeline,
-  sampling,
+  run_dir,
   sharding,
-  train_lib,
-  train_vae,
+  training,
 )
+from npdraw_jax.model import bound, distributions, npdraw, sampling, trained
+from npdraw_jax.stages import fid, scoring, train_vae
 
 STAGE = 'eval'
-SAMPLES_FILE = 'samples.png'
-RECONSTRUCTIONS_FILE = 'reconstructions.png'
-DRAWING_FILE = 'drawing.gif'
-EVAL_RECORD_FILE = 'eval.json'  # The evaluated checkpoint, settings and summary.
 DRAWING_SAMPLES = 8  # Prior samples animated in drawing.gif.
+EVAL_PICTURES = (
+  run_dir.SAMPLES_PICTURE,
+  run_dir.RECONSTRUCTIONS_PICTURE,
+  run_dir.DRAWING_ANIMATION,
+)
 
 
 def eval_record_key(
@@ -58,7 +54,7 @@ def eval_record_key(
   """What an eval's results depend on: the evaluated checkpoint (which, step
   and its stage's settings record) and the eval's own settings."""
   checkpoint = train_vae.evaluated_checkpoint(config, workdir, allow_changed_settings)
-  checkpoint['record'] = checkpointing.read_record(os.path.join(workdir, train_vae.STAGE))
+  checkpoint['record'] = checkpointing.read_record(os.path.join(workdir, run_dir.VAE_DIR))
   settings = checkpointing.config_fields(
     config, ('seed', 'eval', 'prior.sample_temperature', 'prior.sample_top_k')
   )
@@ -68,15 +64,15 @@ def eval_record_key(
 def _recorded_summary(workdir: str, key: dict) -> dict[str, float] | None:
   """The summary in DIR/eval.json when it records an eval under `key` and its
   pictures are there, else None."""
-  path = os.path.join(workdir, EVAL_RECORD_FILE)
+  path = os.path.join(workdir, run_dir.EVAL_RECORD_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    record = json.load(f)
-  pictures_there = all(
-    os.path.exists(os.path.join(workdir, name))
-    for name in (SAMPLES_FILE, RECONSTRUCTIONS_FILE, DRAWING_FILE)
-  )
+  try:
+    record = run_dir.read_json(path)
+  except errors.RecordError as e:  # Only a cache of the summary: recompute it.
+    logging.warning('%s; evaluating again.', e)
+    return None
+  pictures_there = all(os.path.exists(os.path.join(workdir, name)) for name in EVAL_PICTURES)
   if {k: record.get(k) for k in key} != json.loads(json.dumps(key)) or not pictures_there:
     return None
   return record['summary']
@@ -103,7 +99,7 @@ def run(
       STAGE,
       key['checkpoint']['which'],
       key['checkpoint']['step'],
-      os.path.join(workdir, EVAL_RECORD_FILE),
+      os.path.join(workdir, run_dir.EVAL_RECORD_FILE),
       recorded,
     )
     return recorded
@@ -112,19 +108,17 @@ def run(
   mesh = sharding.make_mesh()
   model, state = train_vae.restore_trained_model(config, workdir, mesh, allow_changed_settings)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  bank = sharding.replicate(
-    jnp.asarray(partbank.load(os.path.join(workdir, pipeline.PARTBANK_FILE)).parts), mesh
-  )
+  bank = sharding.replicate(jnp.asarray(run_dir.load_bank(workdir).parts), mesh)
   # Every process holds the whole test split and serves its part of each batch.
   test = input_pipeline.load_split(config.data, 'test')
-  eval_step = bound.make_eval_step(
+  eval_step = scoring.make_eval_step(
     model,
     mesh,
     bound.iwae_sample_counts(config),
     config.eval.chunk_size,
     config.eval.authors_samples,
   )
-  summary = bound.test_bounds(
+  summary = scoring.test_bounds(
     config,
     test,
     mesh,
@@ -141,7 +135,7 @@ def run(
   if not os.access(workdir, os.W_OK):
     logging.warning('%s is not writable: the summary is logged only, not recorded.', workdir)
     return summary
-  metrics_log = train_lib.MetricsLog(workdir, STAGE)
+  metrics_log = training.MetricsLog(workdir, STAGE)
   metrics_log.write(int(state.step), 'test', summary)
   metrics_log.close()
   if jax.process_index() == 0:
@@ -149,7 +143,8 @@ def run(
       config, workdir, model, sharding.local_copy(variables), sharding.local_copy(bank), test
     )
     # Last: a record means that the metrics and pictures are written.
-    artifacts.save_json(os.path.join(workdir, EVAL_RECORD_FILE), {**key, 'summary': summary})
+    record_path = os.path.join(workdir, run_dir.EVAL_RECORD_FILE)
+    artifacts.save_json(record_path, {**key, 'summary': summary})
   return summary
 
 
@@ -222,25 +217,29 @@ def _interleave(columns: list[np.ndarray]) -> np.ndarray:
 def write_pictures(config, workdir, model: npdraw.NPDraw, variables, bank, test) -> None:
   """DIR/samples.png (canvas | decoded), DIR/drawing.gif (the first prior samples
   step by step) and DIR/reconstructions.png (input | canvas | output)."""
-  run = api.Run(config, model, variables, bank)
+  run = trained.TrainedModel(config, model, variables, bank)
   count, size = config.eval.num_pictures, model.image_size
   drawing = run.sample(
     count, config.seed, config.prior.sample_temperature, config.prior.sample_top_k or None
   )
   final = run.render(drawing)
   pairs = _interleave([_as_image_size(final, size), run.decode_canvases(final)])
-  pictures.save_grid(os.path.join(workdir, SAMPLES_FILE), pairs, columns=8, scale=2)
+  pictures.save_grid(os.path.join(workdir, run_dir.SAMPLES_PICTURE), pairs, columns=8, scale=2)
 
   canvases, decoded = run.frames(drawing[:DRAWING_SAMPLES])
   frames = [
     _interleave([_as_image_size(canvases[:, t], size), decoded[:, t]])
     for t in range(canvases.shape[1])
   ]
-  pictures.save_animation(os.path.join(workdir, DRAWING_FILE), frames, columns=8, scale=2)
+  pictures.save_animation(
+    os.path.join(workdir, run_dir.DRAWING_ANIMATION), frames, columns=8, scale=2
+  )
 
   chosen = np.linspace(0, test.num_examples - 1, min(count, test.num_examples)).astype(int)
   images = input_pipeline.examples_at(test, chosen, config.data, config.seed)['image']
   # The most likely latents of q give the reconstruction's canvas.
   canvas = run.render(run.encode(images).drawing)
   triples = _interleave([images, _as_image_size(canvas, size), run.decode_canvases(canvas)])
-  pictures.save_grid(os.path.join(workdir, RECONSTRUCTIONS_FILE), triples, columns=9, scale=2)
+  pictures.save_grid(
+    os.path.join(workdir, run_dir.RECONSTRUCTIONS_PICTURE), triples, columns=9, scale=2
+  )
