@@ -9,14 +9,14 @@ is current for the configuration. Before any stage writes, prior or VAE
 checkpoints recorded under other settings stop the run (changed training
 settings go on with --allow_changed_settings, and are recorded). One run at a
 time holds DIR (a lock on DIR/.lock, taken by process 0); a second one stops
-at once. A user error (a
-bad flag or config field, unusable data, checkpoints of other settings, a
-missing earlier stage, a full disk, a workdir held by another run) ends the
-command with one line on stderr and exit status 2; --verbose (or
-NPDRAW_VERBOSE=1) prints its traceback first. A Ctrl-C stops the run after the
-training step in progress (or before the next stage), its work saved, with one
-line and exit status 130; a second Ctrl-C ends it at once. Anything else is a
-bug and ends with Python's traceback.
+at once. A user error (a bad flag or config field, unusable data, checkpoints
+of other settings, a missing earlier stage, a full disk, a workdir held by
+another run) ends the command with one line on stderr and exit status 2;
+--verbose (or NPDRAW_VERBOSE=1) prints its traceback first. A Ctrl-C, SIGTERM
+or SIGHUP stops the run after the training step or eval batch in progress (or
+before the next stage), its work saved, with one line and the signal's exit
+status (130, 143, 129); a second one ends it at once. Anything else is a bug
+and ends with Python's traceback.
 """
 
 import contextlib
@@ -37,10 +37,10 @@ from npdraw_jax import errors, stages
 from npdraw_jax.infra import distributed, interrupt, training, workdir_lock
 
 USER_ERROR_STATUS = 2  # The exit status of a user error, as for a command-line mistake.
-INTERRUPTED_STATUS = 130  # The exit status after a Ctrl-C, as for a shell's SIGINT.
 PEER_LOST_STATUS = 1  # Another process of a distributed run died: not the user's mistake.
 VERBOSE_ENV = 'NPDRAW_VERBOSE'  # Set to 1: user errors print their traceback too.
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY_ERRNOS = (errno.EACCES, errno.EROFS)
 
 
 class QuietCheckpointer(python_logging.Filter):
@@ -110,7 +110,19 @@ def user_error_message(error: BaseException) -> str | None:
   """The one-line message of a user error, or None when error is a bug."""
   if isinstance(error, (errors.UserError, app.UsageError, flags.Error)):
     return _one_line(str(error))
-  return _disk_full_message(error)
+  return _disk_full_message(error) or _read_only_message(error)
+
+
+def _read_only_message(error: BaseException) -> str | None:
+  """The message for a file the run may not write (a read-only run directory)."""
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno in _READ_ONLY_ERRNOS:
+      where = f' {e.filename}' if e.filename else ''
+      return (
+        f'Cannot write{where}: {e.strerror}. Run the stages that write in a directory you '
+        'can write (a finished run can be evaluated read-only with --stages=eval).'
+      )
+  return None
 
 
 def _command_line_error_message(error: BaseException) -> str | None:
@@ -229,20 +241,31 @@ def run_app(main: Callable[[list[str]], None], define_flags: Callable[[], None] 
   )
   with _user_errors_end_the_command(_command_line_error_message):
     define_flags()
+  _list_project_flags_in_help()
 
   def reporting_main(argv):
     try:
       with _user_errors_end_the_command(user_error_message):
         main(argv)
     except errors.Interrupted as stop:  # What was finished is saved: one line suffices.
-      sys.stderr.write(f'{stop}\n')
-      sys.exit(INTERRUPTED_STATUS)
+      sys.stderr.write(f'{interrupt.received().name}: {stop}\n')
+      sys.exit(interrupt.exit_status())
     except Exception as error:
       if not distributed.is_peer_loss(error):
         raise
       _end_after_peer_loss(error)
 
   app.run(reporting_main, flags_parser=_parse_flags)
+
+
+def _list_project_flags_in_help() -> None:
+  """--help lists the project's flags: absl shows the main module's key flags
+  only, and ours are defined here, in experiments/launch.py."""
+  main_module = sys.argv[0]
+  for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+    if module.startswith('experiments.'):
+      for flag in module_flags:
+        flags.FLAGS.register_key_flag_for_module(main_module, flag)
 
 
 def _end_after_peer_loss(error: BaseException) -> None:
@@ -296,7 +319,7 @@ def run(config_name: str) -> None:
       # Every process decides a stage's work from the files of the stages before it.
       distributed.barrier('checked')
       for name in names:
-        interrupt.stop_if_requested(before_stage=name)
+        interrupt.stop_if_requested(f'interrupted before stage {name}')
         logging.info('=== Stage %s ===', name)
         options = {'allow_changed_settings': allow_changed_settings}
         stages.STAGES[name](config, workdir, **(options if name in stages.SETTINGS_CHECKED else {}))

@@ -36,9 +36,9 @@ class NonFiniteError(UserError, FloatingPointError):
 
 
 class Interrupted(Exception):
-  """The run stopped at a Ctrl-C (npdraw_jax/infra/interrupt.py) with its finished work
-  saved. Not a UserError: the launcher prints the message and exits with 130,
-  the status of a command ended by SIGINT.
+  """The run stopped at a Ctrl-C, SIGTERM or SIGHUP (npdraw_jax/infra/interrupt.py)
+  with its finished work saved. Not a UserError: the launcher prints the
+  message and exits with the status of a command ended by that signal.
 
   Args:
     where: where it stopped, e.g. 'Stage prior: interrupted at step 57'.

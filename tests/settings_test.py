@@ -288,7 +288,9 @@ class EvalRecordTest(absltest.TestCase):
     self.assertEqual(summary, record['summary'])
     self.assertEqual(snapshot(workdir), before)  # metrics.jsonl included: no line added.
     # Other eval settings or another checkpoint: not the recorded eval.
-    other = evaluate.eval_record_key(tiny_run.config(**{'eval.iwae_samples': (1, 2)}), workdir)
+    other_config = tiny_run.config(**{'eval.iwae_samples': (1, 2)})
+    chosen = train_vae.evaluated_checkpoint(other_config, workdir)
+    other = evaluate.eval_record_key(other_config, workdir, chosen)
     self.assertNotEqual(other['settings'], record['settings'])
     self.assertEqual(other['checkpoint'], record['checkpoint'])
 

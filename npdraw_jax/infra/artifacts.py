@@ -7,6 +7,7 @@ arrays, computed at save, so that a damaged file (truncated, bytes flipped) is
 found and treated as missing rather than read as data.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,9 +21,15 @@ def _write_atomically(path: str, mode: str, write) -> None:
   """write(file) into a temporary file renamed to path, so a crash leaves no half file."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f'{path}.tmp'
-  with open(tmp, mode) as f:
-    write(f)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, mode) as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    # A full disk or an interrupted write: leave neither a half file nor the temporary.
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def checksum(arrays: dict[str, np.ndarray]) -> str:

@@ -104,42 +104,47 @@ class MetricsLog:
     """Keeps metrics.jsonl the true history of a run that resumes from `step`.
 
     Drops this stage's lines past `step` (written after the checkpoint the run
-    resumes from, so the resumed run writes them again); all but the last of
-    lines that repeat one (stage, step, split), as a line a stage writes
-    before training does when no checkpoint was saved; and lines cut short by
-    a killed write. Other stages' lines stay. Rewrites the file atomically,
-    and only when a line goes.
+    resumes from, so the resumed run writes them again) and all but the last of
+    lines that repeat one (stage, step, split), as a line a stage writes before
+    training does when no checkpoint was saved. Other stages' lines stay.
     """
+    self._keep(lambda record, is_last: record['step'] <= step and is_last, f'resumes from {step}')
+
+  def drop_repeats(self) -> None:
+    """Keeps only the last of this stage's lines for each (step, split): one
+    eval line per evaluated checkpoint and split, whatever the eval settings."""
+    self._keep(lambda record, is_last: is_last, 'keeps one line per step and split')
+
+  def _keep(self, keep: Callable[[dict, bool], bool], why: str) -> None:
+    """Rewrites metrics.jsonl (atomically, and only when a line goes) without
+    this stage's lines for which keep(record, is_last_of_its_step_and_split)
+    is false, lines cut short by a killed write and lines that do not decode."""
     if not self._writes or not os.path.exists(self._path):
       return
-    with open(self._path) as f:
+    with open(self._path, 'rb') as f:
       lines = f.read().splitlines()
     records = []
     for line in lines:
       try:
-        records.append((line, json.loads(line)))
-      except json.JSONDecodeError:
-        logging.warning('Dropping a line cut short in %s: %r', self._path, line)
+        records.append((line, json.loads(line.decode('utf-8'))))
+      except (UnicodeDecodeError, json.JSONDecodeError):
+        logging.warning('Dropping an unreadable line of %s: %r', self._path, line[:200])
     last_of = {
       (r['step'], r['split']): i for i, (_, r) in enumerate(records) if r['stage'] == self.stage
     }
     kept = [
       line
       for i, (line, r) in enumerate(records)
-      if r['stage'] != self.stage or (r['step'] <= step and last_of[r['step'], r['split']] == i)
+      if r['stage'] != self.stage or keep(r, last_of[r['step'], r['split']] == i)
     ]
     if len(kept) == len(lines):
       return
     logging.info(
-      'Stage %s resumes from step %d: %d later or repeated lines leave %s.',
-      self.stage,
-      step,
-      len(lines) - len(kept),
-      self._path,
+      'Stage %s %s: %d lines leave %s.', self.stage, why, len(lines) - len(kept), self._path
     )
     directory = os.path.dirname(self._path)
-    with tempfile.NamedTemporaryFile('w', dir=directory, suffix='.tmp', delete=False) as f:
-      f.write(''.join(line + '\n' for line in kept))
+    with tempfile.NamedTemporaryFile('wb', dir=directory, suffix='.tmp', delete=False) as f:
+      f.write(b''.join(line + b'\n' for line in kept))
     os.replace(f.name, self._path)
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:

@@ -27,6 +27,7 @@ from npdraw_jax import errors
 from npdraw_jax.infra import run_dir
 
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _read_record(fd: int) -> dict | None:
@@ -71,7 +72,14 @@ def acquire(workdir: str) -> WorkdirLock:
   """
   path = os.path.join(os.path.abspath(workdir), run_dir.LOCK_FILE)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    if e.errno not in _READ_ONLY:
+      raise
+    # Nothing can be written there, so no second run can change it either.
+    logging.info('%s is read-only: no lock taken; only stages that read can run.', workdir)
+    return WorkdirLock(None, path)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:

@@ -190,7 +190,7 @@ def log_importance_weights(
 
   'iwae': log p(x | z_s) + log p(z_s) - log q(z_s | x); with `authors` also
   'authors': log p(x | z_s) - KL(q || p_s), the stage-2 KL (prior_kl) with p_s
-  the prior run on the history of z_s (the NP-DRAW authors' weights, spec
+  the prior run on the history of z_s (the NP-DRAW authors' weights, docs/model.md
   section 11), with p(x | z_s) the likelihood stage 2 trains on (theirs under
   the authors' convention).
   """

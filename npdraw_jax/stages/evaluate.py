@@ -4,7 +4,7 @@
 
 restores the trained model (the checkpoint with the best held-out bound when
 data.holdout_size > 0, else the last), computes per test image the
-importance-weighted bound at each S of eval.iwae_samples (hard samples, spec
+importance-weighted bound at each S of eval.iwae_samples (hard samples, docs/model.md
 section 8), the single-sample bound and the authors' estimate
 nll_authors_{eval.authors_samples} (not a bound, section 11), and, when
 eval.fid_weights names an Inception file, the FID of prior samples against the
@@ -31,6 +31,7 @@ from npdraw_jax.infra import (
   artifacts,
   checkpointing,
   input_pipeline,
+  interrupt,
   pictures,
   run_dir,
   sharding,
@@ -48,12 +49,11 @@ EVAL_PICTURES = (
 )
 
 
-def eval_record_key(
-  config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
-) -> dict:
-  """What an eval's results depend on: the evaluated checkpoint (which, step
-  and its stage's settings record) and the eval's own settings."""
-  checkpoint = train_vae.evaluated_checkpoint(config, workdir, allow_changed_settings)
+def eval_record_key(config: ml_collections.ConfigDict, workdir: str, chosen: dict) -> dict:
+  """What an eval's results depend on: the evaluated checkpoint (`chosen`, as
+  train_vae.FinishedVAE.chosen gives it, with its stage's settings record) and
+  the eval's own settings."""
+  checkpoint = dict(chosen)
   checkpoint['record'] = checkpointing.read_record(os.path.join(workdir, run_dir.VAE_DIR))
   settings = checkpointing.config_fields(
     config, ('seed', 'eval', 'prior.sample_temperature', 'prior.sample_top_k')
@@ -90,23 +90,31 @@ def run(
   allow_changed_settings: evaluate checkpoints trained under training
   settings other than the configuration's (else that is an error).
   """
-  key = eval_record_key(config, workdir, allow_changed_settings)
-  recorded = _recorded_summary(workdir, key)
-  if recorded is not None:
-    logging.info(
-      'Stage %s: the %s VAE checkpoint (step %d) is already evaluated under these settings '
-      '(%s); skipping. Its summary: %s',
-      STAGE,
-      key['checkpoint']['which'],
-      key['checkpoint']['step'],
-      os.path.join(workdir, run_dir.EVAL_RECORD_FILE),
-      recorded,
-    )
-    return recorded
+  with train_vae.FinishedVAE(config, workdir, allow_changed_settings) as finished:
+    key = eval_record_key(config, workdir, finished.chosen)
+    recorded = _recorded_summary(workdir, key)
+    if recorded is None:
+      return _evaluate(config, workdir, key, finished)
+  logging.info(
+    'Stage %s: the %s VAE checkpoint (step %d) is already evaluated under these settings '
+    '(%s); skipping. Its summary: %s',
+    STAGE,
+    key['checkpoint']['which'],
+    key['checkpoint']['step'],
+    os.path.join(workdir, run_dir.EVAL_RECORD_FILE),
+    recorded,
+  )
+  return recorded
+
+
+def _evaluate(
+  config: ml_collections.ConfigDict, workdir: str, key: dict, finished: train_vae.FinishedVAE
+) -> dict[str, float]:
+  """The eval proper: bounds, FID, metrics line, pictures, then the record."""
   # A bad weights file fails here, not after hours of importance sampling.
   inception = fid.load_inception(config.eval.fid_weights) if config.eval.fid_weights else None
   mesh = sharding.make_mesh()
-  model, state = train_vae.restore_trained_model(config, workdir, mesh, allow_changed_settings)
+  model, state = finished.restore(mesh)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   bank = sharding.replicate(jnp.asarray(run_dir.load_bank(workdir).parts), mesh)
   # Every process holds the whole test split and serves its part of each batch.
@@ -124,6 +132,8 @@ def run(
     mesh,
     lambda batch, key: eval_step(variables, bank, batch, key),
     is_8bit=model.likelihood != 'bernoulli',
+    description=f'Stage {STAGE} (S = {", ".join(map(str, bound.iwae_sample_counts(config)))})',
+    stoppable=True,
   )
   if inception is None:
     logging.info('FID skipped: eval.fid_weights is not set (see the README, "FID").')
@@ -135,8 +145,10 @@ def run(
   if not os.access(workdir, os.W_OK):
     logging.warning('%s is not writable: the summary is logged only, not recorded.', workdir)
     return summary
+  interrupt.stop_if_requested(f'Stage {STAGE}: interrupted, nothing recorded')
   metrics_log = training.MetricsLog(workdir, STAGE)
   metrics_log.write(int(state.step), 'test', summary)
+  metrics_log.drop_repeats()  # An eval of this checkpoint under other settings.
   metrics_log.close()
   if jax.process_index() == 0:
     write_pictures(
@@ -161,6 +173,7 @@ def generated_images(
   )
   key = jax.random.fold_in(jax.random.key(config.seed), 5)
   for b, start in enumerate(range(0, count, batch_size)):
+    interrupt.stop_if_requested(f'Stage {STAGE}: interrupted during FID, nothing recorded')
     samples = sampler(
       variables['params']['prior'],
       bank,

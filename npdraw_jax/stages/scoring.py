@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from npdraw_jax import errors
-from npdraw_jax.infra import input_pipeline, sharding
+from npdraw_jax.infra import input_pipeline, interrupt, sharding
 from npdraw_jax.model import bound, npdraw
 
 
@@ -56,6 +56,7 @@ def test_bounds(
   bounds_fn: Callable[[dict, jax.Array], dict],
   is_8bit: bool,
   description: str = '',
+  stoppable: bool = False,
 ) -> dict[str, float]:
   """The summary (see summarise) of per-image bounds over the whole split `test`
   (the test split or the held-out one, whole on every process: each process
@@ -65,6 +66,9 @@ def test_bounds(
   replicated; eval_batches binarises the images alike for every model and every
   call, and the keys are the same at every call (a fair comparison of
   checkpoints). description: the progress bar's, by default the eval's S.
+  stoppable: a stop signal (infra/interrupt.py) raises errors.Interrupted after
+  the batch in progress (the eval stage; stage 2's held-out check runs to its
+  end, so that the step it scores is saved).
   """
   batch_size = config.eval.batch_size
   sharding.check_batch_size(batch_size, 'eval.batch_size')
@@ -76,6 +80,8 @@ def test_bounds(
   num_batches = -(-test.num_examples // batch_size)
   description = description or f'eval (S = {", ".join(map(str, bound.iwae_sample_counts(config)))})'
   for b, batch in enumerate(tqdm(batches, total=num_batches, desc=description, unit='batch')):
+    if stoppable:
+      interrupt.stop_if_requested(f'{description}: interrupted at batch {b}, nothing recorded')
     batch = sharding.to_global({'image': batch['image'], 'mask': batch['mask']}, mesh)
     bounds = jax.device_get(bounds_fn(batch, jax.random.fold_in(key, b)))
     mask = bounds.pop('mask')

@@ -214,18 +214,23 @@ def open_trained(
   return checkpoints
 
 
+def restore_params(config: ml_collections.ConfigDict, checkpoints: checkpointing.Checkpoints, mesh):
+  """The prior's parameters (replicated) from the latest of open_trained's checkpoints."""
+  grid = canvas_lib.grid_from_config(config)
+  model = prior_lib.make_prior(config, grid.num_locations)
+  p = config.prior
+  schedule = training.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
+  return training.restore_or_init(checkpoints, make_init_fn(config, model, schedule), mesh).params
+
+
 def restore_trained_params(
   config: ml_collections.ConfigDict, workdir: str, mesh, allow_changed_settings: bool = False
 ):
   """The trained prior's parameters (replicated), for the later stages; reads only."""
   checkpoints = open_trained(config, workdir, allow_changed_settings)
-  grid = canvas_lib.grid_from_config(config)
-  model = prior_lib.make_prior(config, grid.num_locations)
-  p = config.prior
-  schedule = training.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
-  state = training.restore_or_init(checkpoints, make_init_fn(config, model, schedule), mesh)
+  params = restore_params(config, checkpoints, mesh)
   checkpoints.close()
-  return state.params
+  return params
 
 
 def record_training(

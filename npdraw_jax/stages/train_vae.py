@@ -260,9 +260,9 @@ def train_and_evaluate(
   v = config.vae
   local_batch = sharding.check_batch_size(v.batch_size, 'vae.batch_size')
   mesh = sharding.make_mesh()
-  bank = sharding.replicate(jnp.asarray(run_dir.load_bank(workdir).parts), mesh)
-  # Fails clearly when the parses are missing or stale.
+  # Fails clearly when the parses (or the bank) are missing or stale.
   parses = ParseLookup(train_prior.load_parses(config, workdir, 'train', PARSE_KEYS + ('index',)))
+  bank = sharding.replicate(jnp.asarray(run_dir.load_bank(workdir).parts), mesh)
   train = input_pipeline.load_split(config.data, 'train', jax.process_index(), jax.process_count())
   steps_per_epoch = input_pipeline.steps_per_epoch(train.num_examples, local_batch)
   num_steps = num_train_steps(config, train.num_examples * jax.process_count())
@@ -308,73 +308,86 @@ def train_and_evaluate(
 # --- The finished stage, read back ------------------------------------------------
 
 
-def _open_trained_vae(config, workdir, allow_changed_settings):
-  """(checkpoints, best or None) of the finished stage 2, read-only; clear
-  errors naming the stage to run when an upstream output is missing."""
-  # The parses list every training example: no need to load the images.
-  num_train = len(train_prior.load_parses(config, workdir, 'train')['pres'])
-  train_prior.open_trained(config, workdir, allow_changed_settings).close()
-  checkpoints = open_checkpoints(config, workdir, allow_changed_settings, read_only=True)
-  wanted = num_train_steps(config, num_train)
-  if (checkpoints.latest_step() or 0) < wanted:
-    checkpoints.close()
-    raise errors.MissingArtifactError(
-      f'The eval stage needs the VAE trained to step {wanted} in {checkpoints.directory} '
-      f'(found: {checkpoints.latest_step()}): run the vae stage first.'
+class FinishedVAE:
+  """Stage 2's finished checkpoints and the trained prior's, opened once and
+  read-only: which VAE checkpoint the eval stage uses (`chosen`), and its
+  restore. Clear errors name the stage to run when an upstream output is
+  missing. Use as a context manager, or close() it.
+  """
+
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
+  ):
+    self.config = config
+    # The parses list every training example: no need to load the images.
+    num_train = len(train_prior.load_parses(config, workdir, 'train')['pres'])
+    self._prior = train_prior.open_trained(config, workdir, allow_changed_settings)
+    self._checkpoints = open_checkpoints(config, workdir, allow_changed_settings, read_only=True)
+    self._best = None
+    wanted = num_train_steps(config, num_train)
+    if (self._checkpoints.latest_step() or 0) < wanted:
+      found = self._checkpoints.latest_step()
+      self.close()
+      raise errors.MissingArtifactError(
+        f'The eval stage needs the VAE trained to step {wanted} in '
+        f'{os.path.join(workdir, run_dir.VAE_DIR)} (found: {found}): run the vae stage first.'
+      )
+    if config.data.holdout_size > 0:
+      self._best = open_best_checkpoint(workdir, read_only=True)
+      if self._best.best() is None:
+        self._best.close()
+        self._best = None
+
+  @property
+  def chosen(self) -> dict:
+    """{'which': 'best' or 'last', 'step'}: the best held-out checkpoint when
+    data.holdout_size > 0 and one was kept, else the last."""
+    if self._best is None:
+      return {'which': 'last', 'step': self._checkpoints.latest_step()}
+    return {'which': 'best', 'step': self._best.best()[0]}
+
+  def restore(self, mesh) -> tuple[npdraw.NPDraw, TrainState]:
+    """(model, state) of the chosen checkpoint; the log says which."""
+    model = npdraw.make_model(self.config)
+    prior_params = train_prior.restore_params(self.config, self._prior, mesh)
+    init_fn = make_init_fn(self.config, model, prior_params)
+    if self._best is None:
+      logging.info('Using the last VAE checkpoint, step %d.', self._checkpoints.latest_step())
+      return model, training.restore_or_init(self._checkpoints, init_fn, mesh)
+    step, value = self._best.best()
+    logging.info(
+      'Using the VAE checkpoint with the best held-out bound: step %d, held-out %s %.4f '
+      '(the last checkpoint is step %d).',
+      step,
+      self._best.metric,
+      value,
+      self._checkpoints.latest_step(),
     )
-  best = None
-  if config.data.holdout_size > 0:
-    best = open_best_checkpoint(workdir, read_only=True)
-    if best.best() is None:
-      best.close()
-      best = None
-  return checkpoints, best
+    return model, self._best.restore(training.abstract_state(init_fn, mesh))
+
+  def close(self) -> None:
+    for opened in (self._best, self._checkpoints, self._prior):
+      if opened is not None:
+        opened.close()
+
+  def __enter__(self) -> 'FinishedVAE':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def evaluated_checkpoint(
   config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
 ) -> dict:
-  """{'which': 'best' or 'last', 'step'} of the VAE checkpoint that the eval
-  stage (and restore_trained_model) uses; reads only."""
-  checkpoints, best = _open_trained_vae(config, workdir, allow_changed_settings)
-  chosen = (
-    {'which': 'last', 'step': checkpoints.latest_step()}
-    if best is None
-    else {'which': 'best', 'step': best.best()[0]}
-  )
-  if best:
-    best.close()
-  checkpoints.close()
-  return chosen
+  """FinishedVAE.chosen: the VAE checkpoint the eval stage uses; reads only."""
+  with FinishedVAE(config, workdir, allow_changed_settings) as finished:
+    return finished.chosen
 
 
 def restore_trained_model(
   config: ml_collections.ConfigDict, workdir: str, mesh, allow_changed_settings: bool = False
 ):
-  """(model, state) of the finished stage 2; a clear error when it is not.
-
-  The state is the VAE checkpoint with the best held-out bound when
-  data.holdout_size > 0 and one was kept, else the last; the log says which.
-  Reads only: nothing in workdir is written.
-  """
-  checkpoints, best = _open_trained_vae(config, workdir, allow_changed_settings)
-  model = npdraw.make_model(config)
-  prior_params = train_prior.restore_trained_params(config, workdir, mesh, allow_changed_settings)
-  init_fn = make_init_fn(config, model, prior_params)
-  if best is None:
-    logging.info('Using the last VAE checkpoint, step %d.', checkpoints.latest_step())
-    state = training.restore_or_init(checkpoints, init_fn, mesh)
-  else:
-    found = best.best()
-    logging.info(
-      'Using the VAE checkpoint with the best held-out bound: step %d, held-out %s %.4f '
-      '(the last checkpoint is step %d).',
-      found[0],
-      best.metric,
-      found[1],
-      checkpoints.latest_step(),
-    )
-    state = best.restore(training.abstract_state(init_fn, mesh))
-    best.close()
-  checkpoints.close()
-  return model, state
+  """(model, state) of the finished stage 2 (FinishedVAE.restore); reads only."""
+  with FinishedVAE(config, workdir, allow_changed_settings) as finished:
+    return finished.restore(mesh)

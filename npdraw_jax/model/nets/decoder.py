@@ -3,7 +3,7 @@
 Two stride-2 ConvBN layers, two residual blocks, two stride-2 transposed
 ConvBN layers, one more when the image is twice the canvas (CelebA), then a
 3x3 convolution to the likelihood's parameter channels. Decoder is this
-project's own ('ours'), AuthorsDecoder the authors' exact network (spec
+project's own ('ours'), AuthorsDecoder the authors' exact network (docs/model.md,
 section 11, 'authors').
 """
 
