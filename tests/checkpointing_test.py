@@ -4,6 +4,7 @@ import json
 import os
 import tempfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
@@ -92,6 +93,55 @@ class SettingsRecordTest(absltest.TestCase):
       checkpointing.Checkpoints(
         directory, {'shape': 4}, 2, 10, training={'a.lr': 0.2}, allow_changed_settings=True
       )
+
+  def test_a_setting_added_and_one_removed_are_recorded_as_changes(self):
+    directory = tempfile.mkdtemp()
+    self._open(directory, 0.1).close()
+    training = {'a.lr': 0.1, 'a.decay': 0.5}  # a.decay is new.
+    added = checkpointing.Checkpoints(
+      directory, {'shape': 3}, 2, 10, training=training, allow_changed_settings=True
+    )
+    added.record_training(10)
+    added.close()
+    record = checkpointing.read_record(directory)
+    self.assertEqual(record['changes'][-1]['fields'], {'a.decay': {'requested': 0.5}})
+    self.assertEqual(checkpointing.recorded_training(record), training)
+    removed = checkpointing.Checkpoints(
+      directory, {'shape': 3}, 2, 10, training={'a.decay': 0.5}, allow_changed_settings=True
+    )
+    removed.record_training(20)
+    removed.close()
+    record = checkpointing.read_record(directory)
+    self.assertEqual(record['changes'][-1]['fields'], {'a.lr': {'recorded': 0.1}})
+    self.assertEqual(checkpointing.recorded_training(record), {'a.decay': 0.5})
+
+  def test_a_resume_on_another_device_count_is_warned_about_and_recorded(self):
+    directory = tempfile.mkdtemp()
+    first = self._open(directory, 0.1)
+    first.record_training(0)
+    first.close()
+    count = jax.device_count()
+    self.assertEqual(checkpointing.read_record(directory)['devices'], [{'step': 0, 'count': count}])
+    same = self._open(directory, 0.1)
+    with self.assertNoLogs(level='WARNING'):
+      same.record_training(10)  # The same devices: nothing to say or record.
+    same.close()
+    # As if trained on 3 more devices up to step 20.
+    record = checkpointing.read_record(directory)
+    record['devices'].append({'step': 20, 'count': count + 3})
+    with open(os.path.join(directory, run_dir.SETTINGS_FILE), 'w') as f:
+      json.dump(record, f)
+    moved = self._open(directory, 0.1)  # The device count is not a restore setting.
+    with self.assertLogs(level='WARNING') as logs:
+      moved.record_training(30)
+    moved.close()
+    self.assertIn(
+      f'was trained on {count + 3} devices up to step 30 and goes on on {count}', logs.output[0]
+    )
+    self.assertIn('not bit-identical', logs.output[0])
+    self.assertEqual(
+      checkpointing.read_record(directory)['devices'][-1], {'step': 30, 'count': count}
+    )
 
   def test_read_only_opening_of_a_missing_stage_writes_nothing(self):
     workdir = tempfile.mkdtemp()
