@@ -160,6 +160,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # samples on the held-out images every checkpoint_every steps; the best
   # checkpoint is kept beside the last and the eval stage uses it.
   config.vae.holdout_iwae_samples = 10
+  # Early stopping, in steps: stop at the first held-out check (every
+  # checkpoint_every steps) at least this many steps after the best one; the cap
+  # is vae.train_steps (or vae.epochs). 0: off, train to the cap. > 0 needs
+  # data.holdout_size > 0.
+  config.vae.patience = 0
 
   # --- Baseline of the low-data study (docs/model.md, section 9) --------------
   # A plain VAE as the flax examples' MNIST VAE: one hidden ReLU layer in the
@@ -174,6 +179,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.baseline.log_every = 100
   config.baseline.checkpoint_every = 1000
   config.baseline.keep_checkpoints = 3
+  # With data.holdout_size > 0, as stage 2: the bound with vae.holdout_iwae_samples
+  # samples on the same held-out images every baseline.checkpoint_every steps
+  # keeps the best checkpoint, which the baseline's evaluation uses; early
+  # stopping after this many steps without a better one (as vae.patience), under
+  # the cap baseline.train_steps. 0: off. > 0 needs data.holdout_size > 0.
+  config.baseline.patience = 0
 
   # --- Evaluation (docs/model.md, section 8) ----------------------------------
   config.eval = ml_collections.ConfigDict()

@@ -8,10 +8,13 @@ For each fraction f (data.train_fraction = f: one seeded subset, seen by every
 stage; the test split is whole):
 - NP-DRAW runs the stages bank, parse, prior, vae and eval in DIR/npdraw/fraction_f;
 - the baseline VAE (npdraw_jax.baseline_vae: the flax examples' MLP VAE with
-  its own optimizer) trains and is evaluated in DIR/vae/fraction_f, for
+  its own optimizer) trains and is evaluated in DIR/vae/fraction_f, for up to
   baseline.train_steps steps of baseline.batch_size images. NP-DRAW's stage 2
-  trains for vae.train_steps steps and its prior on the parses for
-  prior.train_steps more; the table states all three.
+  trains for up to vae.train_steps steps and its prior on the parses for
+  prior.train_steps more. With vae.patience and baseline.patience each stops
+  early once its held-out bound has not improved for that many steps; each is
+  evaluated at its best held-out checkpoint. The table states the budgets and,
+  per run, the evaluated step and the steps trained.
 Each run ends by writing results.json (its summary and configuration); a run
 whose results.json holds the current configuration is skipped, and an
 interrupted one resumes from its artifacts and checkpoints. Finally
@@ -77,22 +80,23 @@ def run_method(method: str, config: ml_collections.ConfigDict, directory: str) -
   """Trains and evaluates one method under config in directory, or loads its results.
 
   Returns the record of directory/results.json (study.run_once): 'method',
-  'fraction', 'train_examples', 'train_steps', 'summary' (the evaluation's),
-  'seconds' and 'config'.
+  'fraction', 'train_examples', 'max_steps' (the cap), 'summary' (the
+  evaluation's, with 'trained_steps' and 'evaluated_step'), 'seconds' and
+  'config'.
   """
 
   def run_fn(config, directory):
     summary = _RUNNERS[method](config, directory)
     train_examples = input_pipeline.load_split(config.data, 'train').num_examples
     if method == 'vae':
-      train_steps = config.baseline.train_steps
+      max_steps = config.baseline.train_steps
     else:
-      train_steps = train_vae.num_train_steps(config, train_examples)
+      max_steps = train_vae.num_train_steps(config, train_examples)
     return {
       'method': method,
       'fraction': config.data.train_fraction,
       'train_examples': train_examples,
-      'train_steps': train_steps,
+      'max_steps': max_steps,
       'summary': summary,
     }
 
@@ -106,27 +110,33 @@ def _cell(summary: dict) -> str:
 def format_table(config: ml_collections.ConfigDict, rows: list[dict[str, dict]]) -> str:
   """The markdown report; rows hold one {method: record} per fraction."""
   first = rows[0]['npdraw']
+  npdraw_length = study.training_length(first['max_steps'], config.vae.patience)
+  vae_length = study.training_length(rows[0]['vae']['max_steps'], config.baseline.patience)
   lines = [
     '# Low-data study: NP-DRAW and a plain VAE',
     '',
     f'Test `nll_iwae` in nats: the importance-weighted bound on -log p(x) with '
     f'S = {first["summary"]["iwae_samples"]} samples, mean ± standard error over the '
     'test split (lower is better). Both models train on the same subset of the '
-    f'training split: NP-DRAW its encoder and decoder for {first["train_steps"]} steps '
-    f'of {config.vae.batch_size} images (stage 2), after its prior on the parses for '
-    f'{config.prior.train_steps} steps (stage 1); the VAE for '
-    f'{rows[0]["vae"]["train_steps"]} steps of {config.baseline.batch_size} images with '
-    f"Adam at {config.baseline.lr:g}. VAE: the flax examples' MLP VAE, one hidden layer "
-    f'of {config.baseline.hidden} ReLU units each way, Gaussian latents of '
-    f'{config.baseline.latent_dim} dimensions, the same pixel likelihood.',
+    f'training split: NP-DRAW its encoder and decoder for {npdraw_length}, '
+    f'{config.vae.batch_size} images a step (stage 2), after its prior on the parses for '
+    f'{config.prior.train_steps} steps (stage 1); the VAE for {vae_length}, '
+    f'{config.baseline.batch_size} images a step, with Adam at {config.baseline.lr:g}; '
+    f'for each, {study.evaluated_checkpoint_text(config.data.holdout_size)}. "Steps": '
+    "the evaluated checkpoint's step / the steps trained. VAE: the flax examples' MLP VAE, "
+    f'one hidden layer of {config.baseline.hidden} ReLU units each way, Gaussian latents '
+    f'of {config.baseline.latent_dim} dimensions, the same pixel likelihood.',
     '',
-    f'| fraction | training images | {METHODS["npdraw"]} nll_iwae | {METHODS["vae"]} nll_iwae |',
-    '|---:|---:|---:|---:|',
+    f'| fraction | training images | {METHODS["npdraw"]} nll_iwae | {METHODS["vae"]} nll_iwae | '
+    f'{METHODS["npdraw"]} steps | {METHODS["vae"]} steps |',
+    '|---:|---:|---:|---:|---:|---:|',
   ]
   for row in rows:
+    npdraw, vae = row['npdraw']['summary'], row['vae']['summary']
     lines.append(
       f'| {row["npdraw"]["fraction"]:g} | {row["npdraw"]["train_examples"]} | '
-      f'{_cell(row["npdraw"]["summary"])} | {_cell(row["vae"]["summary"])} |'
+      f'{_cell(npdraw)} | {_cell(vae)} | {study.steps_cell(npdraw)} | '
+      f'{study.steps_cell(vae)} |'
     )
   return '\n'.join(lines) + '\n'
 

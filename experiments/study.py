@@ -69,6 +69,33 @@ def run_study(
   )
 
 
+def training_length(max_steps: int, patience: int) -> str:
+  """How long a model trains, for a study's text: 'N steps', or with early
+  stopping 'up to N steps, stopping once ...'."""
+  if patience == 0:
+    return f'{max_steps:,} steps'
+  return (
+    f'up to {max_steps:,} steps, stopping once the held-out bound has not improved for '
+    f'{patience:,} steps'
+  )
+
+
+def evaluated_checkpoint_text(holdout_size: int) -> str:
+  """Which checkpoint a study evaluates, for its text (as the eval stages choose it)."""
+  if holdout_size == 0:
+    return 'the last checkpoint is evaluated'
+  return (
+    f'the checkpoint with the best held-out bound ({holdout_size:,} training images held out) '
+    'is evaluated'
+  )
+
+
+def steps_cell(summary: dict) -> str:
+  """'E / T': the evaluated checkpoint's step and the steps trained, from an
+  evaluation summary (evaluate.run's or baseline_vae.run_eval's)."""
+  return f'{summary["evaluated_step"]} / {summary["trained_steps"]}'
+
+
 def run_npdraw(config: ml_collections.ConfigDict, directory: str) -> dict[str, float]:
   """NP-DRAW's stages in order; returns the last one's (eval's) summary."""
   for name in NPDRAW_STAGES:

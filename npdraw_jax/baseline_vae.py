@@ -9,13 +9,19 @@ Adam at baseline.lr on batches of baseline.batch_size for baseline.train_steps.
   train_and_evaluate(config, workdir)
 
 trains with the ELBO (analytic KL), checkpoints in DIR/baseline/ and logs to
-DIR/metrics.jsonl (stage 'baseline');
+DIR/metrics.jsonl (stage 'baseline'). With data.holdout_size > 0 it bounds
+the NLL of the held-out training images every baseline.checkpoint_every steps
+(split 'holdout', vae.holdout_iwae_samples samples, as stage 2 does),
+keeps the best checkpoint in DIR/baseline/best and, with baseline.patience > 0,
+stops early when that bound has not improved for baseline.patience steps;
 
   run_eval(config, workdir)
 
-computes per test image the importance-weighted bound at each S of
-eval.iwae_samples and the single-sample bound, as the NP-DRAW eval stage does,
-and logs their means and standard errors (stage 'baseline_eval').
+computes per test image, for the best checkpoint when there is one (else the
+last), the importance-weighted bound at each S of eval.iwae_samples and the
+single-sample bound, as the NP-DRAW eval stage does, and logs their means and
+standard errors with the steps trained and the evaluated step (stage
+'baseline_eval').
 """
 
 import dataclasses
@@ -32,7 +38,7 @@ from absl import logging
 from npdraw_jax.infra import checkpointing, input_pipeline, sharding, training
 from npdraw_jax.model import bound, distributions
 from npdraw_jax.model.nets import gaussian_vae
-from npdraw_jax.stages import bank_parse, scoring
+from npdraw_jax.stages import bank_parse, scoring, train_vae
 
 STAGE = 'baseline'  # Also its checkpoint folder, DIR/baseline.
 EVAL_STAGE = 'baseline_eval'
@@ -184,6 +190,18 @@ def open_checkpoints(config: ml_collections.ConfigDict, workdir: str) -> checkpo
   )
 
 
+def open_best_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, read_only: bool = False
+) -> checkpointing.BestCheckpoint | None:
+  """DIR/baseline/best, the checkpoint with the lowest held-out bound so far;
+  None when no images are held out (data.holdout_size = 0)."""
+  if config.data.holdout_size == 0:
+    return None
+  return checkpointing.BestCheckpoint(
+    os.path.join(workdir, STAGE), train_vae.HOLDOUT_METRIC, read_only
+  )
+
+
 def make_init_fn(config: ml_collections.ConfigDict, model: BaselineVAE):
   """A function creating the fresh baseline state (seeded by config.seed)."""
   # A key stream of its own (the NP-DRAW stages fold in 1 to 4).
@@ -217,8 +235,22 @@ def make_train_step(model: BaselineVAE, mesh):
   )
 
 
+def make_holdout_evaluation(
+  config: ml_collections.ConfigDict, model: BaselineVAE, mesh, best: checkpointing.BestCheckpoint
+):
+  """The baseline's held-out check (train_vae.make_holdout_check): the
+  importance-weighted bound with vae.holdout_iwae_samples samples, as stage 2's."""
+  num_samples = config.vae.holdout_iwae_samples
+  chunk = bound.sample_chunk(num_samples, config.eval.chunk_size, 'vae.holdout_iwae_samples')
+  eval_step = make_eval_step(model, mesh, (num_samples,), chunk)
+  bounds_fn = lambda state, batch, key: eval_step({'params': state.params}, batch, key)
+  is_8bit = model.likelihood != 'bernoulli'
+  return train_vae.make_holdout_check(config, mesh, best, bounds_fn, num_samples, is_8bit, STAGE)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> training.TrainState:
-  """Trains (or finishes training) the baseline for baseline.train_steps; returns the state."""
+  """Trains (or finishes training) the baseline for baseline.train_steps, or
+  until it stops early (baseline.patience); returns the state."""
   b = config.baseline
   local_batch = sharding.check_batch_size(b.batch_size, 'baseline.batch_size')
   mesh = sharding.make_mesh()
@@ -233,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     batch = input_pipeline.train_batch(train, config.data, local_batch, config.seed, step)
     return sharding.to_global({'image': batch['image']}, mesh)
 
+  best = open_best_checkpoint(config, workdir)
   metrics_log = training.MetricsLog(workdir, STAGE)
   state = training.train_loop(
     stage=STAGE,
@@ -243,10 +276,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     checkpoints=checkpoints,
     metrics_log=metrics_log,
     log_every=b.log_every,
-    eval_every=0,
+    eval_every=b.checkpoint_every if best else 0,
     description=f'{b.batch_size} images per step, {num_train:,} training images',
-    evaluate=None,
+    evaluate=make_holdout_evaluation(config, model, mesh, best) if best else None,
+    eval_split='holdout',
+    early_stop=training.held_out_stop(best, b.patience, b.checkpoint_every) if best else None,
   )
+  if best:
+    best.close()
   checkpoints.close()
   metrics_log.close()
   return state
@@ -255,27 +292,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
 # --- Evaluation ---------------------------------------------------------------------
 
 
-def restore_trained(config: ml_collections.ConfigDict, workdir: str, model: BaselineVAE, mesh):
-  """The finished baseline's state; a clear error when it is not trained."""
-  wanted = config.baseline.train_steps
+def restore_trained(
+  config: ml_collections.ConfigDict, workdir: str, model: BaselineVAE, mesh
+) -> tuple[training.TrainState, int]:
+  """(state, steps trained) of the finished baseline (trained to
+  baseline.train_steps or stopped early): the state of the best held-out
+  checkpoint when there is one, else of the last; a clear error when it is not
+  trained."""
+  b = config.baseline
   checkpoints = open_checkpoints(config, workdir)
-  if (checkpoints.latest_step() or 0) < wanted:
-    raise FileNotFoundError(
-      f'Evaluating the baseline needs it trained to step {wanted} in {checkpoints.directory} '
-      f'(found: {checkpoints.latest_step()}): run baseline_vae.train_and_evaluate first.'
+  best = open_best_checkpoint(config, workdir, read_only=True)
+  latest, best_step = checkpoints.latest_step(), training.best_step(best)
+  try:
+    if not training.is_finished(
+      latest or 0, b.train_steps, best_step, b.patience, b.checkpoint_every
+    ):
+      raise FileNotFoundError(
+        f'Evaluating the baseline needs it trained to step {b.train_steps} (or stopped early) '
+        f'in {checkpoints.directory} (found: {latest}): run baseline_vae.train_and_evaluate '
+        'first.'
+      )
+    init_fn = make_init_fn(config, model)
+    if best_step is None:
+      logging.info('Using the last baseline checkpoint, step %s.', latest)
+      return training.restore_or_init(checkpoints, init_fn, mesh), latest or 0
+    logging.info(
+      'Using the baseline checkpoint with the best held-out bound: step %d (the last is %d).',
+      best_step,
+      latest,
     )
-  state = training.restore_or_init(checkpoints, make_init_fn(config, model), mesh)
-  checkpoints.close()
-  return state
+    return best.restore(training.abstract_state(init_fn, mesh)), latest
+  finally:
+    if best:
+      best.close()
+    checkpoints.close()
 
 
-def make_eval_step(model: BaselineVAE, config: ml_collections.ConfigDict, mesh):
-  """Jitted (variables, batch, key) -> per-image bounds and 'mask' [B], replicated."""
-  counts = bound.iwae_sample_counts(config)
-  chunk = min(config.eval.chunk_size, counts[-1])
+def make_eval_step(model: BaselineVAE, mesh, sample_counts: tuple[int, ...], chunk_size: int):
+  """Jitted (variables, batch, key) -> per-image bounds at sample_counts (chunk_size
+  samples per pass) and 'mask' [B], replicated."""
 
   def eval_step(variables, batch, key):
-    bounds = iwae_bounds(model, variables, batch['image'], key, counts, chunk)
+    bounds = iwae_bounds(model, variables, batch['image'], key, sample_counts, chunk_size)
     return {**bounds, 'mask': batch['mask']}
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -288,14 +346,17 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   """Bounds of the trained baseline on the whole test split; returns the summary.
 
   The summary is bound.summarise's: 'nll_iwae' (largest S), 'elbo', one
-  'nll_iwae_{S}' per S, each with its '_stderr', and 'iwae_samples'.
+  'nll_iwae_{S}' per S, each with its '_stderr', and 'iwae_samples'; and
+  'trained_steps' (the last checkpoint's step) and 'evaluated_step' (the best
+  held-out checkpoint's when there is one, else the last's).
   """
   mesh = sharding.make_mesh()
   model = make_model(config)
-  state = restore_trained(config, workdir, model, mesh)
+  state, trained_steps = restore_trained(config, workdir, model, mesh)
   variables = {'params': state.params}
   test = input_pipeline.load_split(config.data, 'test', jax.process_index(), jax.process_count())
-  eval_step = make_eval_step(model, config, mesh)
+  counts = bound.iwae_sample_counts(config)
+  eval_step = make_eval_step(model, mesh, counts, min(config.eval.chunk_size, counts[-1]))
   summary = scoring.test_bounds(
     config,
     test,
@@ -303,6 +364,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     lambda batch, key: eval_step(variables, batch, key),
     is_8bit=model.likelihood != 'bernoulli',
   )
+  summary.update(trained_steps=trained_steps, evaluated_step=int(state.step))
   logging.info('Stage %s on %d test images: %s', EVAL_STAGE, summary['test_images'], summary)
   metrics_log = training.MetricsLog(workdir, EVAL_STAGE)
   metrics_log.write(int(state.step), 'test', summary)

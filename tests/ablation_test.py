@@ -36,7 +36,7 @@ class AblationTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.config = tiny_run.study_config()
+    cls.config = tiny_run.study_config(**{'vae.checkpoint_every': 2})  # Checks at 2 and 4.
     cls.workdir = tempfile.mkdtemp()
     cls.table = ablation.run(cls.config, cls.workdir, ablation.parse_variants(list(VARIANTS)))
 
@@ -46,13 +46,22 @@ class AblationTest(absltest.TestCase):
     rows = {}
     for line in self.table.splitlines():
       match = re.match(
-        r'\| `(\w+)` \|[^|]*\| ([-\d.]+) ± ([\d.]+) \| ([-\d.]+) ± ([\d.]+) \|', line
+        r'\| `(\w+)` \|[^|]*\| ([-\d.]+) ± ([\d.]+) \| ([-\d.]+) ± ([\d.]+) \|'
+        r'.* (\d+) / (\d+) \|$',
+        line,
       )
       if match:
         rows[match[1]] = tuple(map(float, match.groups()[1:]))
     self.assertEqual(list(rows), list(ablation.parse_variants(list(VARIANTS))))
-    for variant, (nll, nll_se, authors, authors_se) in rows.items():
+    for variant, (nll, nll_se, authors, authors_se, evaluated, trained) in rows.items():
       summary = _record(self.workdir, variant)['summary']
+      # The best of the held-out checks at steps 2 and 4 is evaluated; 4 steps trained.
+      with open(os.path.join(self.workdir, variant, 'metrics.jsonl')) as f:
+        lines = [json.loads(line) for line in f]
+      held_out = {r['step']: r['nll_iwae'] for r in lines if r['split'] == 'holdout'}
+      self.assertEqual(sorted(held_out), [2, 4])
+      self.assertEqual((evaluated, trained), (min(held_out, key=held_out.get), 4))
+      self.assertEqual((summary['evaluated_step'], summary['trained_steps']), (evaluated, 4))
       self.assertAlmostEqual(summary['nll_iwae'], nll, delta=0.005)
       self.assertAlmostEqual(summary['nll_iwae_stderr'], nll_se, delta=0.005)
       self.assertAlmostEqual(summary['nll_authors_4'], authors, delta=0.005)

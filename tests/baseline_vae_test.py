@@ -7,7 +7,9 @@ samples' standard errors; for training, the test bound of the same model
 before training, measured by the same evaluation.
 """
 
+import json
 import math
+import os
 import tempfile
 from unittest import mock
 
@@ -21,7 +23,7 @@ from scipy import stats
 
 from configs import tiny
 from npdraw_jax import baseline_vae
-from npdraw_jax.infra import input_pipeline
+from npdraw_jax.infra import input_pipeline, run_dir
 from npdraw_jax.model import distributions
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
@@ -194,6 +196,13 @@ class TrainTest(absltest.TestCase):
     self.assertEqual(set(state.params), {'encoder', 'decoder'})
     after = baseline_vae.run_eval(config, workdir)
     self.assertEqual(after['test_images'], 500)  # Last 50 of each digit.
+    # tiny holds 64 digits out: bounded at each checkpoint, the best one evaluated.
+    with open(os.path.join(workdir, run_dir.METRICS_FILE)) as f:
+      records = [json.loads(line) for line in f]
+    held_out = {r['step']: r['nll_iwae'] for r in records if r['split'] == 'holdout'}
+    self.assertEqual(sorted(held_out), [100, 200])
+    self.assertEqual(after['trained_steps'], 200)
+    self.assertEqual(after['evaluated_step'], min(held_out, key=held_out.get))
     self.assertLess(after['nll_iwae'], 0.5 * before['nll_iwae'])
     self.assertLess(after['nll_iwae'], after['elbo'])
     # A finished run is resumed, not retrained.

@@ -116,20 +116,39 @@ class TrainFractionTest(parameterized.TestCase):
 
 
 def _table_rows(text):
-  """{fraction: (images, {method: (mean, stderr)})} from the markdown table."""
+  """{fraction: (images, {method: (mean, stderr)}, {method: (evaluated step, steps
+  trained)})} from the markdown table."""
   rows = {}
   for line in text.splitlines():
     cells = [c.strip() for c in line.strip('|').split('|')]
-    if len(cells) == 4 and re.fullmatch(r'[0-9.]+', cells[0]):
-      pairs = [tuple(map(float, c.split('±'))) for c in cells[2:]]
-      rows[float(cells[0])] = (int(cells[1]), dict(zip(('npdraw', 'vae'), pairs, strict=True)))
+    if len(cells) == 6 and re.fullmatch(r'[0-9.]+', cells[0]):
+      bounds = [tuple(map(float, c.split('±'))) for c in cells[2:4]]
+      steps = [tuple(map(int, c.split('/'))) for c in cells[4:]]
+      rows[float(cells[0])] = (
+        int(cells[1]),
+        dict(zip(('npdraw', 'vae'), bounds, strict=True)),
+        dict(zip(('npdraw', 'vae'), steps, strict=True)),
+      )
   return rows
+
+
+def _held_out(directory):
+  """{step: nll_iwae} of the held-out checks a run logged."""
+  with open(os.path.join(directory, run_dir.METRICS_FILE)) as f:
+    records = [json.loads(line) for line in f]
+  return {r['step']: r['nll_iwae'] for r in records if r['split'] == 'holdout'}
 
 
 class StudyTest(absltest.TestCase):
   def test_two_fractions_table_and_plot(self):
     config = tiny_run.study_config(
-      **{'baseline.hidden': 32, 'baseline.batch_size': 32, 'baseline.train_steps': 3}
+      **{
+        'baseline.hidden': 32,
+        'baseline.batch_size': 32,
+        'baseline.train_steps': 3,
+        'baseline.checkpoint_every': 2,  # Held-out checks at steps 2 and 3.
+        'vae.checkpoint_every': 2,  # At 2 and 4.
+      }
     )
     workdir = tempfile.mkdtemp()
     fractions = low_data.parse_fractions(['0.2', '0.1'])
@@ -139,14 +158,21 @@ class StudyTest(absltest.TestCase):
       self.assertEqual(f.read(), table)
     rows = _table_rows(table)
     self.assertEqual(list(rows), [0.1, 0.2])
-    for fraction, (images, cells) in rows.items():
+    for fraction, (images, cells, steps) in rows.items():
       for method, (mean, stderr) in cells.items():
         path = os.path.join(low_data.run_dir(workdir, method, fraction), low_data.RESULTS_FILE)
         with open(path) as f:
           record = json.load(f)
         self.assertEqual(record['fraction'], fraction)
         self.assertEqual(record['train_examples'], images)
-        self.assertEqual(record['train_steps'], {'npdraw': 4, 'vae': 3}[method])
+        self.assertEqual(record['max_steps'], {'npdraw': 4, 'vae': 3}[method])
+        # Trained to the cap (no patience); the evaluated step is the best held-out check's.
+        held_out = _held_out(low_data.run_dir(workdir, method, fraction))
+        self.assertEqual(sorted(held_out), {'npdraw': [2, 4], 'vae': [2, 3]}[method])
+        best = min(held_out, key=held_out.get)
+        self.assertEqual(steps[method], (best, record['max_steps']))
+        self.assertEqual(record['summary']['evaluated_step'], best)
+        self.assertEqual(record['summary']['trained_steps'], record['max_steps'])
         self.assertEqual(record['summary']['iwae_samples'], 2)
         self.assertAlmostEqual(record['summary']['nll_iwae'], mean, delta=0.005)
         self.assertAlmostEqual(record['summary']['nll_iwae_stderr'], stderr, delta=0.005)

@@ -126,12 +126,17 @@ def _stepping_until(stop_step: int, action):
   return train_step
 
 
-class TrainLoopTest(absltest.TestCase):
+class ReferenceRunTestCase(absltest.TestCase):
+  """Tests against one uninterrupted run of `run_loop` (reference_dir,
+  reference: its final state), each in a fresh `directory` of its own."""
+
+  run_loop = staticmethod(_run)
+
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.reference_dir = tempfile.mkdtemp()
-    cls.reference = _run(cls.reference_dir)
+    cls.reference = cls.run_loop(cls.reference_dir)
 
   @classmethod
   def tearDownClass(cls):
@@ -143,6 +148,8 @@ class TrainLoopTest(absltest.TestCase):
     self.directory = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, self.directory)
 
+
+class TrainLoopTest(ReferenceRunTestCase):
   def assert_same_params(self, state):
     for name in ('w', 'b'):
       np.testing.assert_array_equal(state.params[name], self.reference.params[name])
@@ -285,7 +292,7 @@ class LaunchInterruptTest(absltest.TestCase):
       self.assertNotIn(crash, stderr)
     last = stderr.strip().splitlines()[-1]
     self.assertRegex(
-      last, r'^Stage prior: interrupted at step \d+; rerun the same command to resume$'
+      last, r'^SIGINT: Stage prior: interrupted at step \d+; rerun the same command to resume$'
     )
     step = int(last.split('at step ')[1].split(';')[0])
     self.assertTrue(os.path.isdir(os.path.join(workdir, 'prior', str(step))), stderr)

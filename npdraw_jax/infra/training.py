@@ -96,8 +96,13 @@ class MetricsLog:
     hide_accelerators_from_tensorflow()
     from clu import metric_writers
 
+    # Synchronous: a writer thread could print a step's metrics after the line
+    # that ends the command (a full disk's error); a write every log_every
+    # steps costs little.
     self._writer = metric_writers.create_default_writer(
-      os.path.join(workdir, run_dir.TENSORBOARD_DIR, stage), just_logging=not self._writes
+      os.path.join(workdir, run_dir.TENSORBOARD_DIR, stage),
+      just_logging=not self._writes,
+      asynchronous=False,
     )
 
   def drop_after(self, step: int) -> None:
@@ -234,6 +239,51 @@ class _LossWatch:
     self._exploding = True
 
 
+def stops_early(step: int, best_step: int | None, patience: int, every: int) -> bool:
+  """The early-stopping rule: whether training stops after the held-out check of
+  `step` (the check runs every `every` steps), given the step of the best held-out
+  bound so far (None before any: counted from step 0).
+
+  It stops when patience > 0 and the best is `patience` or more steps old: at the
+  first check at or past best_step + patience. A step off the checks' interval
+  never stops, so a run resumed there trains on to the next check, as the run
+  without the interruption did.
+  """
+  return patience > 0 and step % every == 0 and step - (best_step or 0) >= patience
+
+
+def is_finished(
+  latest_step: int, num_steps: int, best_step: int | None, patience: int, every: int
+) -> bool:
+  """Whether a run whose newest checkpoint is latest_step is done: trained to
+  num_steps (the cap) or stopped early there (stops_early)."""
+  return latest_step >= num_steps or stops_early(latest_step, best_step, patience, every)
+
+
+def best_step(best: checkpointing.BestCheckpoint | None) -> int | None:
+  """The step of the best checkpoint, or None when there is none (or no `best`)."""
+  found = None if best is None else best.best()
+  return None if found is None else found[0]
+
+
+def held_out_stop(
+  best: checkpointing.BestCheckpoint, patience: int, every: int
+) -> Callable[[int], str | None] | None:
+  """train_loop's early_stop for a stage that checks its held-out bound every
+  `every` steps and keeps its best checkpoint in `best`; None when patience is
+  0 (off)."""
+  if patience == 0:
+    return None
+
+  def reason(step: int) -> str | None:
+    since = best_step(best)
+    if not stops_early(step, since, patience, every):
+      return None
+    return f'the held-out bound has not improved since step {since or 0} (patience {patience})'
+
+  return reason
+
+
 def _close_after_stop(checkpoints: checkpointing.Checkpoints, metrics_log: MetricsLog, bar) -> int:
   """Waits for the saves in flight and flushes the metrics; the step of the
   newest checkpoint on disk, or -1 when there is none."""
@@ -258,6 +308,7 @@ def train_loop(
   evaluate: Callable[[TrainState], dict[str, float]],
   description: str,
   eval_split: str = 'test',
+  early_stop: Callable[[int], str | None] | None = None,
 ) -> TrainState:
   """Runs train_step from state.step to num_steps with logging, evals, checkpoints.
 
@@ -269,6 +320,12 @@ def train_loop(
   stage's lines past the step it starts from (MetricsLog.drop_after).
   `description` (what is trained, on what) is logged when steps remain; a
   state already at num_steps is returned as it is.
+
+  early_stop(step) -> why training stops there, or None: asked after each
+  evaluation before the last step (held_out_stop) and for the step the loop
+  starts from. When it answers, that step is saved (as the last is), the log
+  says 'Stage S: stopped early at step N: <why>.', and the loop returns; a run
+  resumed at a step where it stopped trains no further.
 
   Safety: before each log, evaluation and save, check_finite checks the new
   state and the step's metrics; anything non-finite closes `checkpoints`
@@ -285,6 +342,10 @@ def train_loop(
   metrics_log.drop_after(start)
   if start >= num_steps:
     logging.info('Stage %s: already trained to step %d; skipping.', stage, start)
+    return state
+  stopped = early_stop(start) if early_stop else None
+  if stopped:
+    logging.info('Stage %s: stopped early at step %d: %s.', stage, start, stopped)
     return state
   logging.info('Stage %s: steps %d -> %d, %s.', stage, start, num_steps, description)
   # Closed on any exception too, so an error line starts on a line of its own.
@@ -327,13 +388,20 @@ def train_loop(
         results = evaluate(state)
         metrics_log.write(done, eval_split, results)
         logging.info('%s step %d %s: %s', stage, done, eval_split, results)
-      # Asked for during the step or the evaluation; the last step ends the loop anyway.
-      stopping = interrupt.requested() and not is_last
-      if will_save or stopping:
+        if early_stop and not is_last:
+          stopped = early_stop(done)
+      # Asked for during the step or the evaluation; the last step or an early stop
+      # ends the loop anyway.
+      stopping = interrupt.requested() and not is_last and not stopped
+      if will_save or stopping or stopped:
         checkpoints.save(done, state, force=True)
       if stopping:
         _close_after_stop(checkpoints, metrics_log, bar)
         raise errors.Interrupted(f'Stage {stage}: interrupted at step {done}', step=done)
+      if stopped:
+        break
+  if stopped:
+    logging.info('Stage %s: stopped early at step %d: %s.', stage, done, stopped)
   return state
 
 

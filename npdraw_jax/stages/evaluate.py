@@ -135,6 +135,7 @@ def _evaluate(
     description=f'Stage {STAGE} (S = {", ".join(map(str, bound.iwae_sample_counts(config)))})',
     stoppable=True,
   )
+  summary.update(trained_steps=key['checkpoint']['trained_steps'], evaluated_step=int(state.step))
   if inception is None:
     logging.info('FID skipped: eval.fid_weights is not set (see the README, "FID").')
   elif jax.process_index() == 0:

@@ -8,11 +8,14 @@ holding parameters, optimizer state, batch statistics, step and RNG (the data
 position is a function of the step), and logs to DIR/metrics.jsonl. With
 data.holdout_size > 0 it bounds the NLL of the held-out training images at
 every checkpoint (split 'holdout') and keeps the best checkpoint in
-DIR/vae/best, which the eval stage uses.
+DIR/vae/best, which the eval stage uses; with vae.patience > 0 it stops early
+when that bound has not improved for vae.patience steps
+(training.stops_early).
 """
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +91,8 @@ def training_settings(config: ml_collections.ConfigDict) -> dict:
   length, temperature and teacher-forcing schedules, and the held-out bound
   that selects the best checkpoint."""
   v = config.vae
+  # Not vae.patience: no step's state depends on it, and a run stopped early
+  # trains on when it is raised, as a resumed run.
   fields = [
     *(f'vae.{field.name}' for field in dataclasses.fields(npdraw.LossWeights)),
     'vae.batch_size',
@@ -214,39 +219,57 @@ def open_best_checkpoint(workdir: str, read_only: bool = False) -> checkpointing
   )
 
 
-def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestCheckpoint):
-  """state -> the held-out bound's summary; keeps the state in `best` when it is lower.
+def make_holdout_check(
+  config: ml_collections.ConfigDict,
+  mesh,
+  best: checkpointing.BestCheckpoint,
+  bounds_fn: Callable,
+  num_samples: int,
+  is_8bit: bool,
+  stage: str,
+) -> Callable:
+  """state -> the held-out bound's summary; keeps the state in `best` when it is
+  lower. Stage 2's and the baseline VAE's held-out check.
 
-  The importance-weighted bound with vae.holdout_iwae_samples hard samples,
-  computed as the eval stage computes it on the test split, over the whole
-  held-out split.
+  bounds_fn(state, global batch, key) -> per-image bounds at S = num_samples
+  and 'mask', as scoring.test_bounds takes them; the bound is computed as the
+  eval stage computes it on the test split, over the whole held-out split.
   """
-  num_samples = config.vae.holdout_iwae_samples
-  bound.sample_chunk(num_samples, config.eval.chunk_size, 'vae.holdout_iwae_samples')
-  holdout = input_pipeline.load_split(
-    config.data, 'holdout'
-  )  # Whole, as the eval stage's test split.
-  eval_step = scoring.make_eval_step(model, mesh, (num_samples,), config.eval.chunk_size)
+  holdout = input_pipeline.load_split(config.data, 'holdout')  # Whole, as the test split.
 
-  def evaluate_holdout(state: TrainState) -> dict[str, float]:
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  def evaluate_holdout(state: training.TrainState) -> dict[str, float]:
     summary = scoring.test_bounds(
       config,
       holdout,
       mesh,
-      lambda batch, key: eval_step(variables, bank, batch, key),
-      is_8bit=model.likelihood != 'bernoulli',
+      lambda batch, key: bounds_fn(state, batch, key),
+      is_8bit=is_8bit,
       description=f'held-out bound (S = {num_samples})',
     )
     summary['holdout_images'] = summary.pop('test_images')
     step, value = int(jax.device_get(state.step)), summary[HOLDOUT_METRIC]
     if best.update(step, state, value):
       logging.info(
-        'Stage %s: step %d has the best held-out %s, %.4f.', STAGE, step, HOLDOUT_METRIC, value
+        'Stage %s: step %d has the best held-out %s, %.4f.', stage, step, HOLDOUT_METRIC, value
       )
     return summary
 
   return evaluate_holdout
+
+
+def make_holdout_evaluation(config, model, bank, mesh, best: checkpointing.BestCheckpoint):
+  """Stage 2's make_holdout_check: the importance-weighted bound with
+  vae.holdout_iwae_samples hard samples."""
+  num_samples = config.vae.holdout_iwae_samples
+  bound.sample_chunk(num_samples, config.eval.chunk_size, 'vae.holdout_iwae_samples')
+  eval_step = scoring.make_eval_step(model, mesh, (num_samples,), config.eval.chunk_size)
+
+  def bounds_fn(state: TrainState, batch, key):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    return eval_step(variables, bank, batch, key)
+
+  is_8bit = model.likelihood != 'bernoulli'
+  return make_holdout_check(config, mesh, best, bounds_fn, num_samples, is_8bit, STAGE)
 
 
 def train_and_evaluate(
@@ -271,7 +294,12 @@ def train_and_evaluate(
   prior_params = train_prior.restore_trained_params(config, workdir, mesh, allow_changed_settings)
   checkpoints = open_checkpoints(config, workdir, allow_changed_settings)
   state = training.restore_or_init(checkpoints, make_init_fn(config, model, prior_params), mesh)
-  train_prior.record_training(checkpoints, int(jax.device_get(state.step)), num_steps, STAGE)
+  best = open_best_checkpoint(workdir) if config.data.holdout_size > 0 else None
+  early_stop = training.held_out_stop(best, v.patience, v.checkpoint_every) if best else None
+  start = int(jax.device_get(state.step))
+  # A run that stopped early trains no step: nothing to record.
+  stopped = early_stop is not None and early_stop(start) is not None
+  train_prior.record_training(checkpoints, start, start if stopped else num_steps, STAGE)
   train_step = make_train_step(model, config, mesh, steps_per_epoch)
 
   def batch_at(step):
@@ -282,7 +310,6 @@ def train_and_evaluate(
     batch.update(parses(batch['index']))
     return sharding.to_global(batch, mesh)
 
-  best = open_best_checkpoint(workdir) if config.data.holdout_size > 0 else None
   metrics_log = training.MetricsLog(workdir, STAGE)
   state = training.train_loop(
     stage=STAGE,
@@ -297,6 +324,7 @@ def train_and_evaluate(
     description=f'{v.batch_size} images per step, {steps_per_epoch} steps per epoch',
     evaluate=make_holdout_evaluation(config, model, bank, mesh, best) if best else None,
     eval_split='holdout',
+    early_stop=early_stop,
   )
   if best:
     best.close()
@@ -311,8 +339,9 @@ def train_and_evaluate(
 class FinishedVAE:
   """Stage 2's finished checkpoints and the trained prior's, opened once and
   read-only: which VAE checkpoint the eval stage uses (`chosen`), and its
-  restore. Clear errors name the stage to run when an upstream output is
-  missing. Use as a context manager, or close() it.
+  restore. Finished: trained to the step count, or stopped early (vae.patience:
+  training.is_finished). Clear errors name the stage to run when an upstream
+  output is missing. Use as a context manager, or close() it.
   """
 
   def __init__(
@@ -324,27 +353,30 @@ class FinishedVAE:
     self._prior = train_prior.open_trained(config, workdir, allow_changed_settings)
     self._checkpoints = open_checkpoints(config, workdir, allow_changed_settings, read_only=True)
     self._best = None
-    wanted = num_train_steps(config, num_train)
-    if (self._checkpoints.latest_step() or 0) < wanted:
-      found = self._checkpoints.latest_step()
-      self.close()
-      raise errors.MissingArtifactError(
-        f'The eval stage needs the VAE trained to step {wanted} in '
-        f'{os.path.join(workdir, run_dir.VAE_DIR)} (found: {found}): run the vae stage first.'
-      )
     if config.data.holdout_size > 0:
       self._best = open_best_checkpoint(workdir, read_only=True)
       if self._best.best() is None:
         self._best.close()
         self._best = None
+    wanted, v = num_train_steps(config, num_train), config.vae
+    found = self._checkpoints.latest_step()
+    best_step = training.best_step(self._best)
+    if not training.is_finished(found or 0, wanted, best_step, v.patience, v.checkpoint_every):
+      self.close()
+      raise errors.MissingArtifactError(
+        f'The eval stage needs the VAE trained to step {wanted} (or stopped early) in '
+        f'{os.path.join(workdir, run_dir.VAE_DIR)} (found: {found}): run the vae stage first.'
+      )
 
   @property
   def chosen(self) -> dict:
-    """{'which': 'best' or 'last', 'step'}: the best held-out checkpoint when
-    data.holdout_size > 0 and one was kept, else the last."""
+    """{'which': 'best' or 'last', 'step', 'trained_steps'}: the best held-out
+    checkpoint when data.holdout_size > 0 and one was kept, else the last; and
+    the step of the last (where training ended)."""
+    latest = self._checkpoints.latest_step()
     if self._best is None:
-      return {'which': 'last', 'step': self._checkpoints.latest_step()}
-    return {'which': 'best', 'step': self._best.best()[0]}
+      return {'which': 'last', 'step': latest, 'trained_steps': latest}
+    return {'which': 'best', 'step': self._best.best()[0], 'trained_steps': latest}
 
   def restore(self, mesh) -> tuple[npdraw.NPDraw, TrainState]:
     """(model, state) of the chosen checkpoint; the log says which."""
