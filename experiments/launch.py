@@ -33,6 +33,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
+from configs import ranges
 from npdraw_jax import errors, stages
 from npdraw_jax.infra import distributed, interrupt, training, workdir_lock
 
@@ -310,7 +311,10 @@ def run(config_name: str) -> None:
       raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
     names = stages.check_stages(flags.FLAGS.stages)
     config = flags.FLAGS.config
+    ranges.check(config)
     workdir = os.path.abspath(flags.FLAGS.workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise errors.ConfigError(f'--workdir {workdir} exists and is not a directory: name another.')
     prepare(config, joined=join_distributed_run())
     allow_changed_settings = flags.FLAGS.allow_changed_settings
     os.makedirs(workdir, exist_ok=True)
