@@ -14,6 +14,7 @@ from absl.testing import absltest
 
 import npdraw_jax
 from npdraw_jax import errors
+from npdraw_jax.infra import input_pipeline
 
 pytestmark = pytest.mark.slow  # Tens of seconds: not in the quick loop (-m "not slow").
 
@@ -137,15 +138,7 @@ class ApiTest(absltest.TestCase):
 
   def test_calls_of_similar_sizes_reuse_the_compiled_functions(self):
     run = self.trained
-    traces = []
-
-    def count_traces(event, duration, **kwargs):
-      del duration, kwargs
-      if event == '/jax/core/compile/jaxpr_trace_duration':
-        traces.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(count_traces)
-    self.addCleanup(jax.monitoring.unregister_event_duration_listener, count_traces)
+    traces = self.count_traces()
     images = np.concatenate([self.images] * 3)  # 9 test images.
     run.decode(run.encode(images[:5]).drawing)  # Compiled for a batch of 8 (no other test's).
     self.assertNotEmpty(traces)  # The listener hears the traces of a first call.
@@ -171,6 +164,119 @@ class ApiTest(absltest.TestCase):
       run.edit(self.images[0], self.images[1], 'middle')
     with self.assertRaisesRegex(ValueError, 'temperature must be positive'):
       run.sample(1, seed=0, temperature=0)
+
+  def count_traces(self) -> list[str]:
+    """The JAX traces from now until the test ends, as they happen."""
+    traces = []
+
+    def count(event, duration, **kwargs):
+      del duration, kwargs
+      if event == '/jax/core/compile/jaxpr_trace_duration':
+        traces.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    self.addCleanup(jax.monitoring.unregister_event_duration_listener, count)
+    return traces
+
+  def test_drawings_take_integers_in_range_before_any_cast(self):
+    pres, where, what = [[True, True]], [[1, 2]], [[0, 3]]
+    # Each would have been wrapped, truncated or converted by a cast to int32 or bool.
+    for name, values in (('where', [[2**32 + 3, 1]]), ('what', [[-(2**32), 0]])):
+      for given in (values, np.asarray(values, np.int64)):
+        steps = {'where': where, 'what': what, name: given}
+        with self.assertRaisesRegex(ValueError, rf'{name} must lie in \[-2147483648, '):
+          npdraw_jax.Drawing(pres, steps['where'], steps['what'])
+    for odd in ([[3.0, 1]], np.asarray([[3.0, 1]]), [[True, 1]], [[10**20 * 1.0, 1]], [['3', 1]]):
+      with self.assertRaisesRegex(ValueError, 'where must hold integers'):
+        npdraw_jax.Drawing(pres, odd, what)
+    with self.assertRaisesRegex(ValueError, 'pres must hold bools'):
+      npdraw_jax.Drawing([[0.5, 1.0]], where, what)
+    with self.assertRaisesRegex(ValueError, 'pres must hold bools'):
+      npdraw_jax.Drawing([[2, 1]], where, what)
+    # Integers of any width, bools as 0 and 1, arrays from JAX: the same drawing.
+    same = npdraw_jax.Drawing(
+      np.asarray([[1, 1]], np.uint8), np.asarray(where, np.int64), jax.numpy.asarray(what)
+    )
+    for name, expected in (('pres', pres), ('where', where), ('what', what)):
+      np.testing.assert_array_equal(getattr(same, name), expected)
+    self.assertEqual(same.where.dtype, np.int32)
+    self.assertEqual(same.pres.dtype, bool)
+
+  def test_sample_checks_its_arguments_before_any_cast(self):
+    run = self.trained
+    bad = [
+      ({'n': 2.5}, 'n must be an integer'),
+      ({'n': True}, 'n must be an integer'),
+      ({'n': 0}, r'n must lie in \[1, '),
+      ({'seed': 1.5}, 'seed must be an integer'),
+      ({'seed': True}, 'seed must be an integer'),
+      ({'seed': 2**64}, r'seed must lie in \[0, 4294967296\)'),
+      ({'seed': 2**32}, r'seed must lie in \[0, 4294967296\)'),  # Would wrap to seed 0.
+      ({'seed': -1}, r'seed must lie in \[0, 4294967296\)'),  # Would wrap to 2**32 - 1.
+      ({'temperature': float('nan')}, 'temperature must be positive and finite'),
+      ({'temperature': 10**400}, 'temperature must be positive and finite'),
+      ({'temperature': '1'}, 'temperature must be a number'),
+      ({'top_k': 2.5}, 'top_k must be an integer'),
+      ({'top_k': True}, 'top_k must be an integer'),
+      ({'top_k': 0}, r'top_k must lie in \[1, '),
+      ({'top_k': 2**64}, r'top_k must lie in \[1, '),
+    ]
+    for change, message in bad:
+      arguments = {'n': 1, 'seed': 0, **change}
+      with self.subTest(**{k: repr(v)[:20] for k, v in change.items()}):
+        with self.assertRaisesRegex(ValueError, message):
+          run.sample(arguments.pop('n'), **arguments)
+    # The ends of the seeds' range: 2**32 distinct keys.
+    last, first = run.sample(2, seed=2**32 - 1), run.sample(2, seed=np.uint32(0))
+    self.assertFalse(
+      np.array_equal(last.what, first.what) and np.array_equal(last.pres, first.pres)
+    )
+
+  def test_top_k_of_max_k_l_or_more_keeps_all_and_shares_its_sampler(self):
+    run = self.trained
+    keep_all = max(run.num_parts, run.grid.num_locations)
+    expected = run.sample(2, seed=4)
+    traces = self.count_traces()
+    for top_k in (keep_all, 10**6, 2**31 - 1):
+      drawing = run.sample(2, seed=4, top_k=top_k)
+      for name in ('pres', 'where', 'what'):
+        np.testing.assert_array_equal(getattr(drawing, name), getattr(expected, name))
+    self.assertEqual(traces, [])  # None's sampler, not one sampler per k.
+    run.sample(2, seed=4, top_k=keep_all - 1)  # A k that keeps less is another sampler.
+    self.assertNotEmpty(traces)
+
+  def test_samplers_kept_are_bounded_the_least_recently_used_dropped(self):
+    run = self.trained
+    self.addCleanup(setattr, run, 'max_samplers', run.max_samplers)
+    run.max_samplers = 2
+    for top_k in (2, 3, 2):  # 2 is now the most recently used.
+      run.sample(1, seed=0, top_k=top_k)
+    traces = self.count_traces()
+    run.sample(1, seed=0, top_k=4)  # Compiled anew; drops 3's sampler.
+    self.assertNotEmpty(traces)
+    traces.clear()
+    run.sample(1, seed=0, top_k=2)
+    self.assertEqual(traces, [])  # Kept.
+    run.sample(1, seed=0, top_k=3)
+    self.assertNotEmpty(traces)  # Dropped, compiled again.
+
+  def test_test_image_rows_are_integers_of_the_split(self):
+    run = self.trained
+    np.testing.assert_array_equal(run.test_images(np.int64(17)), self.images[1:2])
+    for rows in ([True], [1.0], [2**64], [-1], [run.num_test_images], 3.0):
+      with self.assertRaisesRegex(ValueError, 'rows must'):
+        run.test_images(rows)
+
+  def test_a_run_without_its_data_samples_and_decodes_and_names_the_data(self):
+    run = self.trained
+    alone = tiny_run.without_data(run)
+    moved = alone.config.data.source.removeprefix('folder:')
+    drawing = alone.sample(1, seed=3)
+    np.testing.assert_array_equal(drawing.what, run.sample(1, seed=3).what)
+    np.testing.assert_allclose(alone.decode(drawing), run.decode(drawing), atol=1e-6)
+    for use in (lambda: alone.num_test_images, lambda: alone.test_images([0])):
+      with self.assertRaisesRegex(input_pipeline.DataError, f'test images cannot be read.*{moved}'):
+        use()
 
   def test_missing_stages_are_named(self):
     empty = tempfile.mkdtemp()

@@ -53,22 +53,21 @@ def test_the_mount_is_read_only():
   assert not os.path.exists(os.path.join(workdir, 'probe'))
 
 
-def test_eval_reports_the_recorded_eval_without_writing():
+@pytest.mark.parametrize(
+  ('recorded', 'says'),
+  [
+    (True, 'already evaluated under these settings'),
+    (False, 'is not writable: the summary is logged only, not recorded'),
+  ],
+)
+def test_eval_reads_only(recorded, says):
   workdir = tiny_run.copy()
+  if not recorded:
+    os.remove(os.path.join(workdir, run_dir.EVAL_RECORD_FILE))
   before = _snapshot(workdir)
   result = _run_read_only(workdir, *tiny_run.command(workdir, '--stages=eval'))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'already evaluated under these settings' in result.stderr
-  assert _snapshot(workdir) == before
-
-
-def test_eval_without_a_record_is_logged_not_recorded():
-  workdir = tiny_run.copy()
-  os.remove(os.path.join(workdir, run_dir.EVAL_RECORD_FILE))
-  before = _snapshot(workdir)
-  result = _run_read_only(workdir, *tiny_run.command(workdir, '--stages=eval'))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'is not writable: the summary is logged only, not recorded' in result.stderr
+  assert says in result.stderr
   assert _snapshot(workdir) == before
 
 

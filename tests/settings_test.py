@@ -248,7 +248,7 @@ class ReadOnlyTest(absltest.TestCase):
       'from npdraw_jax.stages import evaluate; from experiments import launch, edit; '
       f'print("SUMMARY", evaluate.run(tiny_run.config(), {workdir!r})["nll_iwae"]); '
       f'sys.argv = ["edit", "--workdir={workdir}", "--a=0", "--b=1", "--region=top", '
-      f'"--out={out}/edit.png"]; launch.run_app(edit.main)'
+      f'"--out={out}/edit.png"]; launch.run_app(edit.main, edit.define_flags)'
     )
     # Root writes through any mode bits (and this interpreter is root's alone),
     # so as root the snapshot below is the check; otherwise the run is made

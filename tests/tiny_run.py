@@ -15,6 +15,9 @@ import subprocess
 import sys
 import tempfile
 
+import ml_collections
+
+import npdraw_jax
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +108,13 @@ def trained_run() -> str:
       assert result.returncode == 0, result.stderr[-3000:]
       open(workdir + '.done', 'w').close()  # noqa: SIM115
   return workdir
+
+
+def without_data(run: npdraw_jax.Run) -> npdraw_jax.Run:
+  """The run's networks and bank, with a data source that does not exist."""
+  config = ml_collections.ConfigDict(run.config.to_dict())
+  config.data.source = f'folder:{os.path.join(tempfile.mkdtemp(), "moved")}'
+  return npdraw_jax.Run(config, run.model, run.variables, run.parts, run.workdir)
 
 
 def copy() -> str:

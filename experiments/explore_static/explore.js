@@ -38,10 +38,11 @@ function drawingOf(view) {
   return {pres: [...view.pres], where: [...view.where], what: [...view.what]};
 }
 
-function rerender(change) {
+// Renders the shown drawing after change; shows `step` once it has come back.
+function rerender(change, step = page.step) {
   const drawing = drawingOf(page.view);
   change(drawing);
-  return load('/api/render', drawing, page.step);
+  return load('/api/render', drawing, step);
 }
 
 function show() {
@@ -55,6 +56,7 @@ function show() {
   $('step-part').textContent = view.what[t];
   $('step-where').textContent = view.where[t];
   $('summary').textContent = `${view.pres.filter((p) => p).length} steps drawn`;
+  $('add-step').disabled = view.pres.length >= info.max_steps;  // The server's cap.
   const scale = 256 / info.canvas_size;
   const row = Math.floor(view.where[t] / info.grid_side) * info.stride;
   const col = (view.where[t] % info.grid_side) * info.stride;
@@ -110,7 +112,6 @@ async function start() {
     option.value = name;
     $('regions').append(option);
   }
-  $('image-index').max = info.num_test_images - 1;
   $('encode').addEventListener('click', () => load('/api/test_image', {index: Number($('image-index').value)}));
   $('sample').addEventListener('click', () => {
     const topK = $('top-k').value;
@@ -127,8 +128,8 @@ async function start() {
   $('drawn').addEventListener('change', () => rerender((d) => { d.pres[page.step] = $('drawn').checked; }));
   $('add-step').addEventListener('click', () => {
     const t = page.step;
-    page.step = page.view.pres.length;
-    rerender((d) => { d.pres.push(true); d.where.push(d.where[t]); d.what.push(d.what[t]); });
+    rerender((d) => { d.pres.push(true); d.where.push(d.where[t]); d.what.push(d.what[t]); },
+      page.view.pres.length);
   });
   $('canvas-box').addEventListener('click', (event) => {
     const rect = $('canvas-box').getBoundingClientRect();
@@ -136,6 +137,14 @@ async function start() {
     const where = locationAt((event.clientX - rect.left) * scale, (event.clientY - rect.top) * scale);
     rerender((d) => { d.where[page.step] = where; d.pres[page.step] = true; });
   });
+  if (info.num_test_images === null) {
+    // The run's data is missing: the page samples, renders and edits, without test images.
+    for (const id of ['image-index', 'encode', 'swap-a', 'swap-b', 'swap']) $(id).disabled = true;
+    await load('/api/sample', {seed: 0, temperature: 1.0, top_k: null});
+    $('error').textContent = info.data_error;
+    return;
+  }
+  for (const id of ['image-index', 'swap-a', 'swap-b']) $(id).max = info.num_test_images - 1;
   await load('/api/test_image', {index: 0});
 }
 

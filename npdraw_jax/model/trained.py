@@ -7,10 +7,17 @@ usually the run's T, but any S >= 1 renders: an edit joins two drawings into
 2T steps). The networks are compiled once per padded shape: batches are padded
 to a power of two (at most MAX_BATCH per pass) and steps to a multiple of T, so
 repeated calls of similar sizes reuse the compiled functions.
+
+Every integer argument (counts, seeds, top_k, locations, parts) is checked as
+an integer in its range before any cast: a float, a bool or an integer beyond
+the range is a ValueError, never truncated or wrapped by a cast to int32.
 """
 
 import dataclasses
 import functools
+import math
+import numbers
+import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,6 +30,83 @@ from npdraw_jax.model import canvas as canvas_lib
 from npdraw_jax.model import distributions, editing, npdraw, sampling
 
 MAX_BATCH = 64  # Images, drawings or canvases per compiled pass.
+MAX_SAMPLERS = 4  # Compiled samplers kept, the most recently used: each holds its executable.
+INT32_END = 2**31  # int32 holds [-INT32_END, INT32_END).
+SEED_END = 2**32  # Seeds lie in [0, SEED_END): JAX keeps 32 bits of a seed, so larger ones wrap.
+
+
+def _shown(value) -> str:
+  """value's repr for a message, cut short: a hostile number may have thousands of digits."""
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + '...'
+
+
+def check_int(name: str, value, low: int, end: int) -> int:
+  """value as a Python int in [low, end); a ValueError for a float, a bool, a
+  string or an integer outside the range."""
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{name} must be an integer, got the bool {value}.')
+  try:
+    number = operator.index(value)  # Ints and NumPy integers; not floats, even 2.0.
+  except TypeError:
+    raise ValueError(f'{name} must be an integer, got {_shown(value)}.') from None
+  if not low <= number < end:
+    raise ValueError(f'{name} must lie in [{low}, {end}), got {_shown(number)}.')
+  return number
+
+
+def check_positive_float(name: str, value) -> float:
+  """value as a finite positive float; a ValueError otherwise (bools and strings too)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise ValueError(f'{name} must be a number, got {_shown(value)}.')
+  try:
+    number = float(value)
+  except OverflowError:  # An int beyond float's range.
+    number = math.inf
+  if not (math.isfinite(number) and number > 0):
+    raise ValueError(f'{name} must be positive and finite, got {_shown(value)}.')
+  return number
+
+
+def _is_integer(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_integers(name: str, values, low: int, end: int) -> np.ndarray:
+  """values as an int32 array when each is an integer in [low, end), a range
+  within int32's; a ValueError otherwise, decided on the values as given."""
+  if hasattr(values, 'dtype'):
+    array = np.asarray(values)
+    if array.dtype.kind not in 'iuO' or (
+      array.dtype.kind == 'O' and not all(map(_is_integer, array.ravel()))
+    ):
+      raise ValueError(f'{name} must hold integers, got {array.dtype} values.')
+  else:
+    # Python numbers, seen before NumPy would turn [True, 2] or [2.0] into ints.
+    array = np.asarray(values, dtype=object)
+    odd = [v for v in array.ravel() if not _is_integer(v)]
+    if odd:
+      raise ValueError(f'{name} must hold integers, got {_shown(odd[0])}.')
+  if array.size:
+    smallest, largest = int(array.min()), int(array.max())
+    if not low <= smallest <= largest < end:
+      raise ValueError(
+        f'{name} must lie in [{low}, {end}); got values from {_shown(smallest)} to '
+        f'{_shown(largest)}.'
+      )
+  return array.astype(np.int32)
+
+
+def check_flags(name: str, values) -> np.ndarray:
+  """values as a bool array when they are bools (or the integers 0 and 1); a
+  ValueError for floats or other integers."""
+  array = np.asarray(values)
+  if array.dtype.kind == 'b':
+    return array
+  try:
+    return check_integers(name, values, 0, 2).astype(bool)
+  except ValueError as e:
+    raise ValueError(f'{name} must hold bools (or 0 and 1): {e}') from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +115,12 @@ class Drawing:
   location where[n, s] when pres[n, s] is set.
 
   Attributes:
-    pres: [N, S] bool.
+    pres: [N, S] bool (given as bools, or the integers 0 and 1).
     where: [N, S] int32 in [0, L), L the run's grid locations.
     what: [N, S] int32 in [0, K), K the run's parts.
+
+  Locations and parts must be given as integers that int32 holds (a ValueError
+  otherwise); whether they exist in a run is the run's check (check_drawing).
   """
 
   pres: np.ndarray
@@ -42,9 +129,9 @@ class Drawing:
 
   def __post_init__(self):
     arrays = {
-      'pres': np.asarray(self.pres, bool),
-      'where': np.asarray(self.where, np.int32),
-      'what': np.asarray(self.what, np.int32),
+      'pres': check_flags('pres', self.pres),
+      'where': check_integers('where', self.where, -INT32_END, INT32_END),
+      'what': check_integers('what', self.what, -INT32_END, INT32_END),
     }
     shapes = {name: a.shape for name, a in arrays.items()}
     if len(set(shapes.values())) != 1 or arrays['pres'].ndim != 2 or not arrays['pres'].size:
@@ -172,7 +259,14 @@ class TrainedModel:
     self._decode = jax.jit(decode)
     self._render = jax.jit(lambda *steps: (canvas_lib.render(grid, *steps),))
     self._render_steps = jax.jit(lambda *steps: (canvas_lib.render_steps(grid, *steps)[0],))
-    self._samplers = {}
+    self._samplers = {}  # (batch, top_k) -> sampler, the most recently used last.
+    self.max_samplers = MAX_SAMPLERS
+
+  @property
+  def variables(self) -> dict:
+    """The networks' variables, as given: with config, model and parts, what
+    builds this model again (under another configuration, say)."""
+    return self._variables
 
   # --- Sizes --------------------------------------------------------------------
 
@@ -240,20 +334,17 @@ class TrainedModel:
   ) -> Drawing:
     """n drawings [n, T] from the prior; the same (n, seed, ...) give the same drawings.
 
-    temperature divides the prior's logits; top_k keeps the k most likely
-    locations and parts at each step (None keeps all).
+    seed: an integer in [0, 2**32) (JAX keeps 32 bits: larger ones would wrap).
+    temperature divides the prior's logits. top_k keeps the k most likely
+    locations and parts at each step (one k for both, as the prior's sampler
+    applies it); None keeps all. A k of at least max(K, L) keeps all too: it is
+    clamped to None, and shares None's compiled sampler.
     """
-    if n < 1:
-      raise ValueError(f'n must be positive, got {n}.')
-    if not temperature > 0:
-      raise ValueError(f'temperature must be positive, got {temperature}.')
-    if top_k is not None and top_k < 1:
-      raise ValueError(f'top_k must be positive or None, got {top_k}.')
+    n = check_int('n', n, 1, INT32_END)
+    seed = check_int('seed', seed, 0, SEED_END)
+    temperature = check_positive_float('temperature', temperature)
     batch = _padded_batch(n)
-    key = (batch, top_k or 0)
-    if key not in self._samplers:
-      self._samplers[key] = sampling.make_sampler(self.model.prior, self.grid, batch, top_k or 0)
-    sampler = self._samplers[key]
+    sampler = self._sampler(batch, self._sampler_top_k(top_k))
     chunks = []
     for c, start in enumerate(range(0, n, batch)):
       samples = sampler(
@@ -264,6 +355,24 @@ class TrainedModel:
       )
       chunks.append([np.asarray(x)[: n - start] for x in samples[:3]])
     return Drawing(*(np.concatenate(parts) for parts in zip(*chunks, strict=True)))
+
+  def _sampler_top_k(self, top_k: int | None) -> int:
+    """The sampler's k for top_k: 0 keeps all, for None and for every k >= max(K, L)."""
+    if top_k is None:
+      return 0
+    top_k = check_int('top_k', top_k, 1, INT32_END)
+    return 0 if top_k >= max(self.num_parts, self.grid.num_locations) else top_k
+
+  def _sampler(self, batch: int, top_k: int) -> Callable:
+    """The compiled sampler for (batch, top_k); at most max_samplers are kept,
+    the least recently used dropped first (its executable with it)."""
+    sampler = self._samplers.pop((batch, top_k), None)
+    if sampler is None:
+      sampler = sampling.make_sampler(self.model.prior, self.grid, batch, top_k)
+    self._samplers[(batch, top_k)] = sampler
+    while len(self._samplers) > self.max_samplers:
+      del self._samplers[next(iter(self._samplers))]
+    return sampler
 
   def encode(self, images) -> Encoding:
     """q's most likely drawing [N, T] of images [N, H, W, C] and its probabilities."""
