@@ -1,6 +1,7 @@
 """The low-data study on the embedded digits, sized for a 2-core CPU (hours).
 
   python -m experiments.low_data --workdir=runs/low_data
+  python -m experiments.low_data --workdir=runs/low_data_demo --config=configs/low_data.py:demo
 
 NP-DRAW as configs/mnist_cpu.py (the MNIST reference structure and the
 authors' network family and stage 2, at CPU-demo widths, 500 training digits
@@ -10,17 +11,27 @@ each train until their bound on the held-out digits has not improved for
 their patience, under a step cap, and are evaluated at their best held-out
 checkpoint with S = 100. The baseline's cap is five times the 4,000 steps where
 it had nearly converged on the whole split; NP-DRAW's is four times the 500
-steps of earlier runs, which had not converged.
+steps of earlier runs, which had not converged. With the argument 'demo'
+NP-DRAW is the README main command's configuration (configs/mnist_demo.py: our
+networks and conventions) under the same caps and patiences.
 """
 
 import ml_collections
 
-from configs import mnist_cpu
+from configs import mnist_cpu, mnist_demo
+
+VARIANTS = {
+  None: mnist_cpu.get_config,  # The reference: the authors' networks and conventions.
+  'demo': mnist_demo.get_config,  # The main command's: our networks and conventions.
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """mnist_cpu with step caps and patiences for three fractions and two methods."""
-  config = mnist_cpu.get_config(arg)
+  """mnist_cpu (or, with arg 'demo', mnist_demo) with step caps and patiences
+  for three fractions and two methods."""
+  if arg not in VARIANTS:
+    raise ValueError(f'configs/low_data.py:{arg}: choose no argument or one of "demo".')
+  config = VARIANTS[arg]()
   config.vae.train_steps = 2000  # The cap.
   config.vae.checkpoint_every = 100  # The held-out check.
   config.vae.patience = 500

@@ -125,18 +125,21 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict[str, dict]])
     f'for each, {study.evaluated_checkpoint_text(config.data.holdout_size)}. "Steps": '
     "the evaluated checkpoint's step / the steps trained. VAE: the flax examples' MLP VAE, "
     f'one hidden layer of {config.baseline.hidden} ReLU units each way, Gaussian latents '
-    f'of {config.baseline.latent_dim} dimensions, the same pixel likelihood.',
+    f'of {config.baseline.latent_dim} dimensions, the same pixel likelihood. "Minutes": the '
+    'wall-clock of the run that finished it (all stages, evaluation included).',
     '',
     f'| fraction | training images | {METHODS["npdraw"]} nll_iwae | {METHODS["vae"]} nll_iwae | '
-    f'{METHODS["npdraw"]} steps | {METHODS["vae"]} steps |',
-    '|---:|---:|---:|---:|---:|---:|',
+    f'{METHODS["npdraw"]} steps | {METHODS["vae"]} steps | {METHODS["npdraw"]} minutes | '
+    f'{METHODS["vae"]} minutes |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for row in rows:
     npdraw, vae = row['npdraw']['summary'], row['vae']['summary']
     lines.append(
       f'| {row["npdraw"]["fraction"]:g} | {row["npdraw"]["train_examples"]} | '
       f'{_cell(npdraw)} | {_cell(vae)} | {study.steps_cell(npdraw)} | '
-      f'{study.steps_cell(vae)} |'
+      f'{study.steps_cell(vae)} | {row["npdraw"]["seconds"] / 60:.1f} | '
+      f'{row["vae"]["seconds"] / 60:.1f} |'
     )
   return '\n'.join(lines) + '\n'
 

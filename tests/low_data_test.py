@@ -117,17 +117,19 @@ class TrainFractionTest(parameterized.TestCase):
 
 def _table_rows(text):
   """{fraction: (images, {method: (mean, stderr)}, {method: (evaluated step, steps
-  trained)})} from the markdown table."""
+  trained)}, {method: minutes})} from the markdown table."""
   rows = {}
   for line in text.splitlines():
     cells = [c.strip() for c in line.strip('|').split('|')]
-    if len(cells) == 6 and re.fullmatch(r'[0-9.]+', cells[0]):
+    if len(cells) == 8 and re.fullmatch(r'[0-9.]+', cells[0]):
       bounds = [tuple(map(float, c.split('±'))) for c in cells[2:4]]
-      steps = [tuple(map(int, c.split('/'))) for c in cells[4:]]
+      steps = [tuple(map(int, c.split('/'))) for c in cells[4:6]]
+      minutes = [float(c) for c in cells[6:]]
       rows[float(cells[0])] = (
         int(cells[1]),
         dict(zip(('npdraw', 'vae'), bounds, strict=True)),
         dict(zip(('npdraw', 'vae'), steps, strict=True)),
+        dict(zip(('npdraw', 'vae'), minutes, strict=True)),
       )
   return rows
 
@@ -158,7 +160,7 @@ class StudyTest(absltest.TestCase):
       self.assertEqual(f.read(), table)
     rows = _table_rows(table)
     self.assertEqual(list(rows), [0.1, 0.2])
-    for fraction, (images, cells, steps) in rows.items():
+    for fraction, (images, cells, steps, minutes) in rows.items():
       for method, (mean, stderr) in cells.items():
         path = os.path.join(low_data.run_dir(workdir, method, fraction), low_data.RESULTS_FILE)
         with open(path) as f:
@@ -176,6 +178,7 @@ class StudyTest(absltest.TestCase):
         self.assertEqual(record['summary']['iwae_samples'], 2)
         self.assertAlmostEqual(record['summary']['nll_iwae'], mean, delta=0.005)
         self.assertAlmostEqual(record['summary']['nll_iwae_stderr'], stderr, delta=0.005)
+        self.assertAlmostEqual(record['seconds'] / 60, minutes[method], delta=0.05)
       self.assertEqual(images, round(fraction * (4500 - config.data.holdout_size)))
     with Image.open(os.path.join(workdir, low_data.PLOT_FILE)) as im:
       self.assertEqual(im.format, 'PNG')
