@@ -135,7 +135,7 @@ SHIPPED = {
   'cifar10': [None],
   'celeba': [None],
   'tiny': [None, 'mnist', 'celeba'],
-  'low_data': [None],
+  'low_data': [None, 'demo'],
   'ablation': [None],
 }
 
