@@ -118,6 +118,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prior.eval_every = 1000
   config.prior.checkpoint_every = 1000
   config.prior.keep_checkpoints = 3
+  # Early stopping, in steps, as vae.patience: with data.holdout_size > 0 the
+  # held-out images are parsed too, the prior's NLL of their parses is checked
+  # every eval_every steps (instead of the test parses'), its best checkpoint
+  # kept in DIR/prior/best and used by the later stages; training stops at the
+  # first check at least this many steps after the best one, under the cap
+  # prior.train_steps. 0: off, the last checkpoint is used.
+  config.prior.patience = 0
   config.prior.sample_temperature = 1.0
   config.prior.sample_top_k = 0  # 0: sample from the whole distribution.
   config.prior.num_samples = 64  # Prior samples drawn into pictures.

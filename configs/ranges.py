@@ -146,6 +146,7 @@ RULES: dict[str, Rule] = {
   'prior.eval_every': NON_NEGATIVE,  # 0: evaluated at the last step only.
   'prior.checkpoint_every': POSITIVE,
   'prior.keep_checkpoints': POSITIVE,
+  'prior.patience': NON_NEGATIVE,  # 0: off (CONSISTENCY: > 0 needs held-out images, checks).
   'prior.sample_temperature': RATE,
   'prior.sample_top_k': NON_NEGATIVE,  # 0: the whole distribution.
   'prior.num_samples': POSITIVE,
@@ -269,6 +270,12 @@ CONSISTENCY: tuple[Consistency, ...] = (
     ('vae.patience', 'data.holdout_size'),
     'early stopping (vae.patience > 0) watches the held-out bound: data.holdout_size must be > 0',
     lambda patience, held_out: patience == 0 or held_out > 0,
+  ),
+  Consistency(
+    ('prior.patience', 'data.holdout_size', 'prior.eval_every'),
+    'early stopping (prior.patience > 0) watches the NLL of the held-out parses: '
+    'data.holdout_size and prior.eval_every must be > 0',
+    lambda patience, held_out, every: patience == 0 or (held_out > 0 and every > 0),
   ),
   Consistency(
     ('baseline.patience', 'data.holdout_size'),

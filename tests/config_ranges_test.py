@@ -73,6 +73,7 @@ CASES = {
   'prior.eval_every': ([0], [-1], {}),
   'prior.checkpoint_every': ([1], [0], {}),
   'prior.keep_checkpoints': ([1], [0], {}),
+  'prior.patience': ([0, 1], [-1], {}),  # tiny holds 64 images out, checks every 10 steps.
   'prior.sample_temperature': ([1e-12], [0.0], {}),
   'prior.sample_top_k': ([0], [-1], {}),
   'prior.num_samples': ([1], [0], {}),
@@ -348,6 +349,13 @@ class ConsistencyTest(absltest.TestCase):
       self.assert_verdict({field: 100, 'data.holdout_size': 0}, False, (field, 'data.holdout_size'))
       self.assert_verdict({field: 100, 'data.holdout_size': 1}, True)
       self.assert_verdict({field: 0, 'data.holdout_size': 0}, True)
+
+  def test_the_priors_early_stopping_needs_held_out_images_and_checks(self):
+    names = ('prior.patience', 'data.holdout_size', 'prior.eval_every')
+    self.assert_verdict({'prior.patience': 100, 'data.holdout_size': 0}, False, names)
+    self.assert_verdict({'prior.patience': 100, 'prior.eval_every': 0}, False, names)
+    self.assert_verdict({'prior.patience': 100}, True)
+    self.assert_verdict({'prior.patience': 0, 'data.holdout_size': 0, 'prior.eval_every': 0}, True)
 
 
 def _start(workdir: str, *args: str) -> subprocess.Popen:

@@ -1,12 +1,13 @@
-"""Early stopping on the held-out bound (vae.patience, baseline.patience).
+"""Early stopping on the held-out bound (vae.patience, baseline.patience) and
+on the prior's held-out NLL (prior.patience).
 
 References: hand-worked cases of the rule; for the loop, a scripted held-out
 bound (the caller's evaluate) whose stop step is worked out by hand, and the
 state of plain SGD steps run here; for stage 2 and the baseline, the
 held-out lines they log, walked here to find the best check and the stop.
-Stage 2 and the baseline train a few steps, then go on at a learning rate
-hundreds of times larger, which wrecks the model: the held-out bound rises
-past the best and the run stops.
+Stage 2, the baseline and the prior train a few steps, then go on at a
+learning rate hundreds of times larger, which wrecks the model: the held-out
+bound rises past the best and the run stops.
 """
 
 import json
@@ -22,7 +23,10 @@ from absl.testing import absltest
 
 from configs import tiny
 from npdraw_jax import baseline_vae, errors
-from npdraw_jax.infra import checkpointing, interrupt, run_dir, sharding, training
+from npdraw_jax.infra import checkpointing, input_pipeline, interrupt, run_dir, sharding, training
+from npdraw_jax.model import canvas as canvas_lib
+from npdraw_jax.model import prior_likelihood
+from npdraw_jax.model.nets import prior as prior_lib
 from npdraw_jax.stages import bank_parse, evaluate, train_prior, train_vae
 
 
@@ -168,13 +172,15 @@ def _held_out_lines(workdir: str, stage: str) -> list[dict]:
   return [r for r in records if r['stage'] == stage and r['split'] == 'holdout']
 
 
-def _best_and_stop(lines: list[dict], patience: int) -> tuple[int, int | None]:
+def _best_and_stop(
+  lines: list[dict], patience: int, metric: str = 'nll_iwae'
+) -> tuple[int, int | None]:
   """(the best check's step, the first check `patience` or more steps after the
   best so far: where the run must stop, or None) of logged held-out lines."""
   best_step, best_value = None, float('inf')
   for line in lines:
-    if line['nll_iwae'] < best_value:
-      best_step, best_value = line['step'], line['nll_iwae']
+    if line[metric] < best_value:
+      best_step, best_value = line['step'], line[metric]
     elif line['step'] - best_step >= patience:
       return best_step, line['step']
   return best_step, None
@@ -232,6 +238,62 @@ class Stage2Test(absltest.TestCase):
     wrecking.vae.patience = 0
     with self.assertRaisesRegex(errors.MissingArtifactError, f'found: {stop}'):
       train_vae.evaluated_checkpoint(wrecking, workdir)
+
+
+@pytest.mark.slow
+class PriorTest(absltest.TestCase):
+  def test_parses_the_held_out_images_stops_early_and_the_later_stages_use_the_best(self):
+    # tiny's 64 held-out digits, a check every 5 steps, stopping at the first that
+    # is not better; 10 steps at the usual rate.
+    watching = {'prior.checkpoint_every': 10, 'prior.eval_every': 5, 'prior.patience': 5}
+    config = tiny_run.study_config(**{'prior.train_steps': 10})
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir)
+    bank_parse.run_bank(config, workdir)
+    before = bank_parse.run_parse(config, workdir)
+    self.assertNotIn('holdout_pres', before)  # Parsed only when the prior watches them.
+    config = tiny_run.study_config(**{'prior.train_steps': 10, **watching})
+    self.assertFalse(bank_parse.is_current(config, workdir, 'parse'))
+    after = bank_parse.run_parse(config, workdir)
+    train_prior.train_and_evaluate(config, workdir)
+    # Then at 300 times the rate, up to 60 steps.
+    wrecking = tiny_run.study_config(**{'prior.train_steps': 60, 'prior.lr': 0.3, **watching})
+    for key, value in before.items():  # The same settings: the same parses, and more.
+      np.testing.assert_array_equal(after[key], value, err_msg=key)
+    holdout = input_pipeline.load_split(wrecking.data, 'holdout')
+    np.testing.assert_array_equal(after['holdout_index'], holdout.index)
+    self.assertEqual(after['holdout_pres'].shape, (64, wrecking.model.T))
+    with self.assertLogs('absl', 'INFO') as logs:
+      state = train_prior.train_and_evaluate(wrecking, workdir, allow_changed_settings=True)
+    lines = _held_out_lines(workdir, 'prior')
+    best, stop = _best_and_stop(lines, patience=5, metric='nll')
+    self.assertIsNotNone(stop, f'the held-out NLL never stopped improving: {lines}')
+    self.assertEqual(int(state.step), stop)
+    self.assertIn(
+      f'Stage prior: stopped early at step {stop}: the held-out bound has not improved since '
+      f'step {best} (patience 5).',
+      _messages(logs),
+    )
+    # The later stages get the best step's parameters: their held-out NLL, worked
+    # out here, is the one logged at that step, not the stopped state's.
+    mesh = sharding.make_mesh()
+    params = train_prior.restore_trained_params(wrecking, workdir, mesh)
+    grid = canvas_lib.grid_from_config(wrecking)
+    model = prior_lib.make_prior(wrecking, grid.num_locations)
+    parts = run_dir.load_bank(workdir).parts
+    sequences = {k: after[f'holdout_{k}'] for k in train_prior.SEQUENCE_KEYS}
+    logits = train_prior.teacher_forced_logits(model, params, grid, parts, sequences)
+    log_probs = prior_likelihood.prior_sequence_log_prob(
+      logits, *(sequences[k] for k in train_prior.SEQUENCE_KEYS)
+    )
+    logged = {line['step']: line['nll'] for line in lines}
+    np.testing.assert_allclose(-np.mean(log_probs), logged[best], rtol=1e-5)
+    self.assertGreater(logged[stop], logged[best] * (1 + 1e-3))
+    # A rerun trains no further; without early stopping the prior is unfinished.
+    self.assertEqual(int(train_prior.train_and_evaluate(wrecking, workdir).step), stop)
+    wrecking.prior.patience = 0
+    with self.assertRaisesRegex(errors.MissingArtifactError, f'found: {stop}'):
+      train_prior.open_trained(wrecking, workdir, allow_changed_settings=True)
 
 
 @pytest.mark.slow

@@ -684,6 +684,7 @@ class BestCheckpoint:
     if found is None:
       raise FileNotFoundError(f'No best checkpoint in {self.directory}.')
     logging.info('Restoring %s step %d (%s %.6g).', self.directory, found[0], self.metric, found[1])
+    self._manager.wait_until_finished()  # It may have been saved a moment ago.
     state, problem = _try_restore(self._manager, found[0], abstract_state)
     if problem:
       path = os.path.join(self.directory, str(found[0]))

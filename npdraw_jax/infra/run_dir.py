@@ -162,7 +162,7 @@ def load_bank(workdir: str) -> partbank.PartBank:
 
 
 def load_parses(workdir: str, split: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-  """The arrays `keys` of one split ('train' or 'test') of DIR/parses.npz; a
+  """The arrays `keys` of one split ('train', 'test' or 'holdout') of DIR/parses.npz; a
   MissingArtifactError when it is missing or damaged."""
   arrays = artifact(workdir, PARSES_FILE)
   if arrays is None:

@@ -20,7 +20,11 @@ from npdraw_jax.infra import artifacts, input_pipeline, pictures, run_dir
 from npdraw_jax.model import canvas as canvas_lib
 from npdraw_jax.model import parsing, partbank
 
-SPLITS = ('train', 'test')
+
+def parse_splits(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The splits the parse stage parses: the held-out images too when the
+  prior watches its NLL on their parses (prior.patience > 0)."""
+  return ('train', 'test') + (('holdout',) if config.prior.patience > 0 else ())
 
 
 def bank_settings(config: ml_collections.ConfigDict) -> dict:
@@ -63,7 +67,17 @@ def is_current(config: ml_collections.ConfigDict, workdir: str, stage: str) -> b
     'bank': (run_dir.BANK_FILE, bank_settings),
     'parse': (run_dir.PARSES_FILE, parse_settings),
   }[stage]
-  return run_dir.is_current(workdir, name, settings(config))
+  if not run_dir.is_current(workdir, name, settings(config)):
+    return False
+  if stage == 'parse':
+    # Parses of the same settings without a split now needed (the held-out
+    # one): parsed again, the other splits to the same arrays.
+    arrays = run_dir.artifact(workdir, name)
+    missing = [split for split in parse_splits(config) if f'{split}_pres' not in arrays]
+    if missing:
+      logging.info('%s holds no parses of the %s split.', os.path.join(workdir, name), missing[0])
+      return False
+  return True
 
 
 def _recorded_fingerprint(workdir: str, name: str) -> dict | None:
@@ -172,7 +186,8 @@ def run_bank(config: ml_collections.ConfigDict, workdir: str) -> partbank.PartBa
 
 
 def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.ndarray]:
-  """Parses both splits into DIR/parses.npz (and parses.png) unless current."""
+  """Parses the splits of parse_splits into DIR/parses.npz (and parses.png)
+  unless current."""
   path = os.path.join(workdir, run_dir.PARSES_FILE)
   if is_current(config, workdir, 'parse'):
     logging.info('Stage parse: %s is current; skipping.', path)
@@ -187,7 +202,7 @@ def run_parse(config: ml_collections.ConfigDict, workdir: str) -> dict[str, np.n
   bank = run_dir.load_bank(workdir)
   grid = canvas_lib.grid_from_config(config)
   arrays = {}
-  for name in SPLITS:
+  for name in parse_splits(config):
     split = input_pipeline.load_split(config.data, name)
     images = _canvas_images(split)
     start = time.perf_counter()

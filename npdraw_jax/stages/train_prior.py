@@ -3,11 +3,15 @@
   train_and_evaluate(config, workdir)
 
 reads DIR/partbank.npz and DIR/parses.npz, trains for prior.train_steps with
-checkpoints in DIR/prior/ (resuming from the newest), logs train and held-out
-NLL (nats per image) to DIR/metrics.jsonl and TensorBoard, and draws
-DIR/prior_samples.png at the end.
+checkpoints in DIR/prior/ (resuming from the newest), logs train and test NLL
+(nats per image) to DIR/metrics.jsonl and TensorBoard, and draws
+DIR/prior_samples.png at the end. With prior.patience > 0 it also checks the
+NLL of the held-out images' parses every prior.eval_every steps (split
+'holdout'), keeps the best checkpoint in DIR/prior/best, which the later stages
+use, and stops early when it has not improved for prior.patience steps.
 """
 
+import functools
 import itertools
 import os
 
@@ -26,6 +30,7 @@ from npdraw_jax.model.nets import prior as prior_lib
 from npdraw_jax.stages import bank_parse
 
 STAGE = 'prior'
+HOLDOUT_METRIC = 'nll'  # The held-out NLL that selects the best checkpoint.
 SEQUENCE_KEYS = ('pres', 'where', 'what')
 
 
@@ -78,8 +83,11 @@ TRAINING_FIELDS = (
 
 
 def training_settings(config: ml_collections.ConfigDict) -> dict:
-  """{config field: value} of what shapes the prior's training (its record)."""
-  return checkpointing.config_fields(config, TRAINING_FIELDS)
+  """{config field: value} of what shapes the prior's training (its record),
+  prior.patience when on: which checkpoint the later stages use depends on it,
+  and stage 2 records these settings."""
+  patience = ('prior.patience',) if config.prior.patience > 0 else ()
+  return checkpointing.config_fields(config, TRAINING_FIELDS + patience)
 
 
 def history_free_nll(
@@ -197,30 +205,55 @@ def open_checkpoints(
   )
 
 
+def open_best_checkpoint(
+  config: ml_collections.ConfigDict, directory: str, read_only: bool = False
+) -> checkpointing.BestCheckpoint | None:
+  """DIR/prior/best (directory: DIR/prior) when prior.patience > 0, else None."""
+  if config.prior.patience == 0:
+    return None
+  return checkpointing.BestCheckpoint(directory, HOLDOUT_METRIC, read_only=read_only)
+
+
 def open_trained(
   config: ml_collections.ConfigDict, workdir: str, allow_changed_settings: bool = False
 ) -> checkpointing.Checkpoints:
   """DIR/prior's checkpoints, read-only, checked to be of this configuration and
-  trained to prior.train_steps; a MissingArtifactError naming the stage otherwise."""
+  finished: trained to prior.train_steps or stopped early (prior.patience); a
+  MissingArtifactError naming the stage otherwise."""
+  p = config.prior
   grid = canvas_lib.grid_from_config(config)
   checkpoints = open_checkpoints(config, workdir, grid, allow_changed_settings, read_only=True)
   step = checkpoints.latest_step()
-  if step is None or step < config.prior.train_steps:
+  best = open_best_checkpoint(config, checkpoints.directory, read_only=True)
+  best_step = training.best_step(best)
+  if best:
+    best.close()
+  if step is None or not training.is_finished(
+    step, p.train_steps, best_step, p.patience, p.eval_every
+  ):
     checkpoints.close()
     raise errors.MissingArtifactError(
-      f'The later stages need the prior trained to step {config.prior.train_steps} in '
+      f'The later stages need the prior trained to step {p.train_steps} in '
       f'{checkpoints.directory} (found: {step}): run the prior stage first.'
     )
   return checkpoints
 
 
 def restore_params(config: ml_collections.ConfigDict, checkpoints: checkpointing.Checkpoints, mesh):
-  """The prior's parameters (replicated) from the latest of open_trained's checkpoints."""
+  """The prior's parameters (replicated) from open_trained's checkpoints: the
+  best held-out one when prior.patience > 0, else the latest."""
   grid = canvas_lib.grid_from_config(config)
   model = prior_lib.make_prior(config, grid.num_locations)
   p = config.prior
   schedule = training.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
-  return training.restore_or_init(checkpoints, make_init_fn(config, model, schedule), mesh).params
+  init_fn = make_init_fn(config, model, schedule)
+  best = open_best_checkpoint(config, checkpoints.directory, read_only=True)
+  if best is None or best.best() is None:
+    return training.restore_or_init(checkpoints, init_fn, mesh).params
+  try:
+    return best.restore(training.abstract_state(init_fn, mesh)).params
+  finally:
+    best.close()
 
 
 def restore_trained_params(
@@ -266,6 +299,7 @@ def train_and_evaluate(
   grid = canvas_lib.grid_from_config(config)
   train_parses = load_parses(config, workdir, 'train')  # Current parses imply a current bank.
   test_parses = load_parses(config, workdir, 'test')
+  holdout_parses = load_parses(config, workdir, 'holdout') if config.prior.patience > 0 else None
   bank_host = run_dir.load_bank(workdir).parts
   p = config.prior
   sharding.check_batch_size(p.batch_size, 'prior.batch_size')
@@ -286,16 +320,29 @@ def train_and_evaluate(
     rows = _rows_of_process(rows)
     return sharding.to_global({k: v[rows] for k, v in train_parses.items()}, mesh)
 
-  def evaluate(state):
+  def evaluate_on(parses, state):
     batches = (
-      {**{k: v[rows] for k, v in test_parses.items()}, 'mask': mask}
+      {**{k: v[rows] for k, v in parses.items()}, 'mask': mask}
       for rows, mask in itertools.starmap(
-        _rows_of_process, input_pipeline.eval_rows(len(test_parses['pres']), p.batch_size)
+        _rows_of_process, input_pipeline.eval_rows(len(parses['pres']), p.batch_size)
       )
     )
     return training.evaluate_in_batches(lambda s, b: eval_step(s, bank, b), state, batches, mesh)
 
   metrics_log = training.MetricsLog(workdir, STAGE)
+  best = open_best_checkpoint(config, checkpoints.directory)
+
+  def evaluate_holdout(state):
+    """The held-out NLL (the loop logs it); keeps the best state; logs the test NLL."""
+    step = int(jax.device_get(state.step))
+    metrics_log.write(step, 'test', evaluate_on(test_parses, state))
+    results = evaluate_on(holdout_parses, state)
+    if best.update(step, state, results[HOLDOUT_METRIC]):
+      logging.info(
+        'Stage %s: step %d has the best held-out NLL, %.4f.', STAGE, step, results[HOLDOUT_METRIC]
+      )
+    return results
+
   if int(state.step) == 0:
     baseline = history_free_nll(train_parses, test_parses, grid.num_locations, config.model.K)
     logging.info(
@@ -313,12 +360,19 @@ def train_and_evaluate(
     log_every=p.log_every,
     eval_every=p.eval_every,
     description=f'{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters',
-    evaluate=evaluate,
+    evaluate=evaluate_holdout if best else functools.partial(evaluate_on, test_parses),
+    eval_split='holdout' if best else 'test',
+    early_stop=training.held_out_stop(best, p.patience, p.eval_every) if best else None,
   )
+  params = state.params
+  if best:
+    if best.best() is not None:  # What the later stages use.
+      params = best.restore(training.abstract_state(init_fn, mesh)).params
+    best.close()
   checkpoints.close()
   metrics_log.close()
   if jax.process_index() == 0:
-    params, bank = sharding.local_copy((state.params, bank))
+    params, bank = sharding.local_copy((params, bank))
     write_samples(config, workdir, model, params, grid, bank)
   return state
 
