@@ -133,6 +133,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.vae = ml_collections.ConfigDict()
   config.vae.batch_size = 500  # Reference MNIST 500.
   config.vae.lr = 1e-3  # Encoder; the decoder trains at 0.1 * lr (reference).
+  # > 0: AdamW, each step also shrinks the encoder's and decoder's parameters
+  # by lr * weight_decay of themselves (reference 0: Adam).
+  config.vae.weight_decay = 0.0
   config.vae.beta = 1.0  # KL weight (reference MNIST 1).
   config.vae.lambda_sup = 50.0  # Parse supervision weight (reference MNIST 50).
   config.vae.epochs = 661  # Training length (reference MNIST 661, colour 500).

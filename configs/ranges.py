@@ -153,6 +153,7 @@ RULES: dict[str, Rule] = {
   # Stage 2: encoder and decoder.
   'vae.batch_size': POSITIVE,
   'vae.lr': RATE,
+  'vae.weight_decay': WEIGHT,
   'vae.beta': WEIGHT,  # 0: no KL (reference CelebA).
   'vae.lambda_sup': WEIGHT,
   'vae.epochs': NON_NEGATIVE,  # Counts only when vae.train_steps is 0 (CONSISTENCY).

@@ -79,6 +79,7 @@ CASES = {
   'prior.num_samples': ([1], [0], {}),
   'vae.batch_size': ([1], [0], {}),
   'vae.lr': ([1e-12], [0.0, -1e-3], {}),
+  'vae.weight_decay': ([0.0, 1.0], [-1e-9], {}),
   'vae.beta': ([0.0], [-1e-9, -1.0], {}),
   'vae.lambda_sup': ([0.0], [-1e-9], {}),
   'vae.epochs': ([0], [-1], {}),  # tiny trains vae.train_steps = 20.

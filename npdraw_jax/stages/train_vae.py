@@ -47,16 +47,23 @@ def num_train_steps(config: ml_collections.ConfigDict, num_examples: int) -> int
   return config.vae.epochs * input_pipeline.steps_per_epoch(num_examples, config.vae.batch_size)
 
 
+def _adam(lr: float, weight_decay: float) -> optax.GradientTransformation:
+  """Adam, or with weight_decay > 0 AdamW: each step also subtracts
+  lr * weight_decay * the parameter (decoupled from the gradient's moments)."""
+  return optax.adamw(lr, weight_decay=weight_decay) if weight_decay > 0 else optax.adam(lr)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam: encoder at lr, decoder at 0.1 lr; the prior frozen unless finetune_prior.
+  """Adam: encoder at lr, decoder at 0.1 lr, both with vae.weight_decay; the
+  prior frozen unless finetune_prior.
 
   Parameters are grouped by their top-level name ('encoder', 'decoder', 'prior').
   """
-  lr = config.vae.lr
+  lr, weight_decay = config.vae.lr, config.vae.weight_decay
   return optax.multi_transform(
     {
-      'encoder': optax.adam(lr),
-      'decoder': optax.adam(0.1 * lr),
+      'encoder': _adam(lr, weight_decay),
+      'decoder': _adam(0.1 * lr, weight_decay),
       'prior': optax.adam(lr) if config.vae.finetune_prior else optax.set_to_zero(),
     },
     lambda params: {name: name for name in params},
@@ -97,6 +104,7 @@ def training_settings(config: ml_collections.ConfigDict) -> dict:
     *(f'vae.{field.name}' for field in dataclasses.fields(npdraw.LossWeights)),
     'vae.batch_size',
     'vae.lr',
+    *(['vae.weight_decay'] if v.weight_decay > 0 else []),  # Records before it stay valid.
     'vae.train_steps',
     *(['vae.epochs'] if v.train_steps == 0 else []),  # Else it does not count.
     'vae.tau0',
