@@ -14,12 +14,26 @@ import jax
 import ml_collections
 from absl import logging
 
+from configs import default
 from experiments import launch
 from npdraw_jax import errors, stages
-from npdraw_jax.infra import artifacts, run_dir
+from npdraw_jax.infra import artifacts, checkpointing, run_dir
 
 RESULTS_FILE = 'results.json'
 NPDRAW_STAGES = ('bank', 'parse', 'prior', 'vae', 'eval')
+
+
+def is_recorded_config(recorded: dict, wanted: dict) -> bool:
+  """Whether a run recorded under `recorded` ran the configuration `wanted` (both
+  as JSON). A field added to the configs since the record was written, absent
+  from it, matches when it holds its default (configs/default.py): the
+  behaviour the run had, so finished runs are not redone for it."""
+  recorded, wanted = checkpointing.flat_fields(recorded), checkpointing.flat_fields(wanted)
+  defaults = checkpointing.flat_fields(json.loads(default.get_config().to_json_best_effort()))
+  return all(
+    recorded[k] == v if k in recorded else k in defaults and v == defaults[k]
+    for k, v in wanted.items()
+  ) and set(recorded) <= set(wanted)
 
 
 def run_once(
@@ -42,7 +56,7 @@ def run_once(
     except errors.RecordError as e:  # A cache of the results: recompute them.
       logging.warning('%s; rerunning.', e)
   if record is not None:
-    if record['config'] == wanted:
+    if is_recorded_config(record['config'], wanted):
       logging.info('%s: results for this configuration exist in %s; skipping.', name, path)
       return record
     logging.info('%s: %s was made under another configuration; rerunning.', name, path)

@@ -20,7 +20,7 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from configs import tiny
-from experiments import low_data
+from experiments import low_data, study
 from npdraw_jax.infra import artifacts, input_pipeline, run_dir
 from npdraw_jax.stages import bank_parse, train_prior
 
@@ -183,12 +183,48 @@ class StudyTest(absltest.TestCase):
     with Image.open(os.path.join(workdir, low_data.PLOT_FILE)) as im:
       self.assertEqual(im.format, 'PNG')
       self.assertEqual(im.size, (640, 480))
-    # Finished runs are read back, not redone.
-    mtime = os.path.getmtime(os.path.join(low_data.run_dir(workdir, 'vae', 0.1), 'metrics.jsonl'))
+    # Finished runs are read back, not redone, also when recorded before a field
+    # was added to the configs (here: as if before vae.weight_decay, at its default).
+    path = os.path.join(low_data.run_dir(workdir, 'npdraw', 0.1), low_data.RESULTS_FILE)
+    with open(path) as f:
+      record = json.load(f)
+    del record['config']['vae']['weight_decay']
+    with open(path, 'w') as f:
+      json.dump(record, f)
+    metrics = os.path.join(low_data.run_dir(workdir, 'npdraw', 0.1), 'metrics.jsonl')
+    mtime = os.path.getmtime(metrics)
     self.assertEqual(low_data.run(config, workdir, fractions), table)
-    self.assertEqual(
-      os.path.getmtime(os.path.join(low_data.run_dir(workdir, 'vae', 0.1), 'metrics.jsonl')), mtime
-    )
+    self.assertEqual(os.path.getmtime(metrics), mtime)
+
+
+class RecordedConfigTest(absltest.TestCase):
+  """Which recorded configuration a finished study run counts as this one."""
+
+  def setUp(self):
+    super().setUp()
+    self.wanted = json.loads(tiny.get_config().to_json_best_effort())
+
+  def without(self, section, field):
+    recorded = json.loads(json.dumps(self.wanted))
+    del recorded[section][field]
+    return recorded
+
+  def test_the_same(self):
+    self.assertTrue(study.is_recorded_config(self.wanted, self.wanted))
+
+  def test_a_field_added_since_at_its_default(self):
+    self.assertEqual(self.wanted['vae']['weight_decay'], 0.0)  # configs/default.py's.
+    self.assertTrue(study.is_recorded_config(self.without('vae', 'weight_decay'), self.wanted))
+
+  def test_a_field_added_since_off_its_default(self):
+    self.assertEqual(self.wanted['prior']['train_steps'], 20)  # tiny's; default 20,000.
+    self.assertFalse(study.is_recorded_config(self.without('prior', 'train_steps'), self.wanted))
+
+  def test_a_changed_or_removed_field(self):
+    changed = json.loads(json.dumps(self.wanted))
+    changed['vae']['beta'] = 0.5
+    self.assertFalse(study.is_recorded_config(changed, self.wanted))
+    self.assertFalse(study.is_recorded_config(self.wanted, self.without('vae', 'beta')))
 
   def test_command_line_rejects_bad_fractions(self):
     result = subprocess.run(

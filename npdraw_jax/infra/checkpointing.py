@@ -71,11 +71,13 @@ class UnreadableCheckpointError(errors.UserError):
   """No checkpoint of a stage can be restored: each is missing files or damaged."""
 
 
-def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+def flat_fields(tree: Any, prefix: str = '') -> dict[str, Any]:
   """{'a.b': leaf} of nested dicts; a non-dict is one leaf."""
   if not isinstance(tree, dict):
     return {prefix.rstrip('.') or '(value)': tree}
-  return {k: v for key, value in tree.items() for k, v in _flat(value, f'{prefix}{key}.').items()}
+  return {
+    k: v for key, value in tree.items() for k, v in flat_fields(value, f'{prefix}{key}.').items()
+  }
 
 
 _ABSENT = object()
@@ -83,7 +85,7 @@ _ABSENT = object()
 
 def _differences(recorded: dict, requested: dict) -> dict[str, tuple[Any, Any]]:
   """{dotted field: (recorded, requested)} of the leaves that differ."""
-  old, new = _flat(recorded), _flat(requested)
+  old, new = flat_fields(recorded), flat_fields(requested)
   return {
     k: (old.get(k, _ABSENT), new.get(k, _ABSENT))
     for k in sorted(set(old) | set(new))
