@@ -137,7 +137,7 @@ SHIPPED = {
   'cifar10': [None],
   'celeba': [None],
   'tiny': [None, 'mnist', 'celeba'],
-  'low_data': [None, 'demo'],
+  'low_data': [None, 'demo', 'recommended'],
   'ablation': [None],
 }
 
