@@ -112,6 +112,9 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict[str, dict]])
   first = rows[0]['npdraw']
   npdraw_length = study.training_length(first['max_steps'], config.vae.patience)
   vae_length = study.training_length(rows[0]['vae']['max_steps'], config.baseline.patience)
+  prior_length = study.training_length(
+    config.prior.train_steps, config.prior.patience, 'the NLL of the held-out parses'
+  )
   lines = [
     '# Low-data study: NP-DRAW and a plain VAE',
     '',
@@ -120,7 +123,7 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict[str, dict]])
     'test split (lower is better). Both models train on the same subset of the '
     f'training split: NP-DRAW its encoder and decoder for {npdraw_length}, '
     f'{config.vae.batch_size} images a step (stage 2), after its prior on the parses for '
-    f'{config.prior.train_steps} steps (stage 1); the VAE for {vae_length}, '
+    f'{prior_length} (stage 1); the VAE for {vae_length}, '
     f'{config.baseline.batch_size} images a step, with Adam at {config.baseline.lr:g}; '
     f'for each, {study.evaluated_checkpoint_text(config.data.holdout_size)}. "Steps": '
     "the evaluated checkpoint's step / the steps trained. VAE: the flax examples' MLP VAE, "

@@ -83,14 +83,13 @@ def run_study(
   )
 
 
-def training_length(max_steps: int, patience: int) -> str:
+def training_length(max_steps: int, patience: int, watched: str = 'the held-out bound') -> str:
   """How long a model trains, for a study's text: 'N steps', or with early
-  stopping 'up to N steps, stopping once ...'."""
+  stopping 'up to N steps, stopping once <watched> has not improved ...'."""
   if patience == 0:
     return f'{max_steps:,} steps'
   return (
-    f'up to {max_steps:,} steps, stopping once the held-out bound has not improved for '
-    f'{patience:,} steps'
+    f'up to {max_steps:,} steps, stopping once {watched} has not improved for {patience:,} steps'
   )
 
 
