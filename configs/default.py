@@ -148,6 +148,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # exp(-d e (e + 1) / 2); 'exponential': rho_e = exp(-d e). d: the decay.
   config.vae.teacher_forcing = 'cumulative'
   config.vae.teacher_forcing_decay = 0.005  # Reference MNIST 0.005, colour 0.01.
+  # The epoch of the two schedules above, in examples: 0 (reference) the
+  # training split's size; > 0 this many (at least vae.batch_size), which keeps
+  # the schedules the same in steps whatever data.train_fraction is.
+  config.vae.schedule_epoch_examples = 0
   config.vae.teacher_forcing_pres = False  # Also force pres (reference: keep q's).
   # What teacher forcing pastes at a step the parse leaves undrawn (while q's
   # pres draws it): 'nothing' (reference: the authors' parse has no part there)

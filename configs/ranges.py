@@ -163,6 +163,7 @@ RULES: dict[str, Rule] = {
   'vae.tau_rate': WEIGHT,
   'vae.teacher_forcing': one_of(*npdraw.TEACHER_FORCING_SCHEDULES),
   'vae.teacher_forcing_decay': WEIGHT,
+  'vae.schedule_epoch_examples': NON_NEGATIVE,
   'vae.forcing_undrawn': one_of(*npdraw.FORCING_UNDRAWN),
   'vae.where_gradient': one_of(*npdraw.WHERE_GRADIENTS),
   'vae.log_every': POSITIVE,
@@ -266,6 +267,12 @@ CONSISTENCY: tuple[Consistency, ...] = (
     'with images held out, vae.holdout_iwae_samples must be a multiple of eval.chunk_size '
     'when larger than it',
     lambda samples, chunk, held_out: held_out == 0 or _drawn_in_chunks(samples, chunk),
+  ),
+  Consistency(
+    ('vae.schedule_epoch_examples', 'vae.batch_size'),
+    'a schedule epoch (vae.schedule_epoch_examples > 0) must hold at least one batch: '
+    'vae.schedule_epoch_examples >= vae.batch_size',
+    lambda examples, batch_size: examples == 0 or examples >= batch_size,
   ),
   Consistency(
     ('vae.patience', 'data.holdout_size'),

@@ -88,6 +88,7 @@ CASES = {
   'vae.tau_min': ([1e-12], [0.0], {}),
   'vae.tau_rate': ([0.0], [-1e-9], {}),
   'vae.teacher_forcing_decay': ([0.0], [-1e-9], {}),
+  'vae.schedule_epoch_examples': ([0, 32], [-1], {}),  # tiny: 32 images a step.
   'vae.log_every': ([1], [0], {}),
   'vae.checkpoint_every': ([1], [0], {}),
   'vae.keep_checkpoints': ([1], [0], {}),
@@ -271,6 +272,12 @@ class ConsistencyTest(absltest.TestCase):
     self.assert_verdict({'vae.train_steps': 0, 'vae.epochs': 0}, False, fields)
     self.assert_verdict({'vae.train_steps': 0, 'vae.epochs': 1}, True)
     self.assert_verdict({'vae.train_steps': 1, 'vae.epochs': 0}, True)
+
+  def test_schedule_epoch_holds_a_batch(self):
+    names = ('vae.schedule_epoch_examples', 'vae.batch_size')
+    for examples, passes in ((0, True), (31, False), (32, True), (1000, True)):
+      values = {'vae.schedule_epoch_examples': examples, 'vae.batch_size': 32}
+      self.assert_verdict(values, passes, names)
 
   def test_canvas_is_the_image_or_half_of_it(self):
     names = ('data.canvas_size', 'data.image_size')

@@ -118,6 +118,29 @@ class TeacherForcingRateTest(parameterized.TestCase):
       train_vae.make_train_step(fixture()[1], config, sharding.make_mesh(), steps_per_epoch=10)
 
 
+class ScheduleEpochTest(parameterized.TestCase):
+  """The train step's tau and rho follow the epoch of the training split, or
+  of vae.schedule_epoch_examples examples when set."""
+
+  @parameterized.parameters((0, 68), (320, 20))  # 205 // 3; 205 // (320 // 32).
+  def test_schedules_at_a_step(self, schedule_epoch_examples, epoch):
+    config, model, variables, bank, batch = fixture()
+    config = config.copy_and_resolve_references()
+    config.vae.batch_size = 32
+    config.vae.schedule_epoch_examples = schedule_epoch_examples
+    state = jax.jit(train_vae.make_init_fn(config, model, variables['params']['prior']))()
+    state = state.replace(step=jnp.asarray(205, state.step.dtype))
+    step = train_vae.make_train_step(model, config, sharding.make_mesh(), steps_per_epoch=3)
+    _, metrics = step(state, bank, batch)
+    v = config.vae
+    decay = v.teacher_forcing_decay
+    # rho is multiplied by exp(-decay * e) at the start of each epoch e.
+    rho = math.prod(math.exp(-decay * e) for e in range(epoch + 1))
+    tau = max(v.tau_min, v.tau0 * math.exp(-v.tau_rate * epoch))
+    self.assertAlmostEqual(float(metrics['rho']), rho, delta=1e-6 * rho)
+    self.assertAlmostEqual(float(metrics['tau']), tau, places=6)
+
+
 class TeacherForcingTest(parameterized.TestCase):
   @parameterized.parameters(
     ('none', False, 'nothing', 'every_step'),

@@ -112,6 +112,7 @@ def training_settings(config: ml_collections.ConfigDict) -> dict:
     'vae.tau_rate',
     'vae.teacher_forcing',
     'vae.teacher_forcing_decay',
+    *(['vae.schedule_epoch_examples'] if v.schedule_epoch_examples > 0 else []),
     'vae.holdout_iwae_samples',
     'model.batch_norm_variance',
   ]
@@ -155,14 +156,24 @@ def gradient_step(state: TrainState, loss_fn) -> tuple[TrainState, dict]:
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
+def schedule_steps_per_epoch(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Steps in an epoch of the temperature and teacher-forcing schedules: the
+  training split's steps_per_epoch, or with vae.schedule_epoch_examples > 0
+  that many examples' worth of vae.batch_size batches."""
+  examples = config.vae.schedule_epoch_examples
+  return steps_per_epoch if examples == 0 else examples // config.vae.batch_size
+
+
 def make_train_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh, steps_per_epoch):
-  """The jitted stage-2 step (state, bank, batch) -> (state, metrics)."""
+  """The jitted stage-2 step (state, bank, batch) -> (state, metrics); an epoch
+  of the training split is steps_per_epoch steps."""
   v = config.vae
   weights = npdraw.LossWeights.from_config(v)
+  schedule_epoch_steps = schedule_steps_per_epoch(config, steps_per_epoch)
 
   def train_step(state, bank, batch):
     key = jax.random.fold_in(state.rng, state.step)
-    epoch = state.step // steps_per_epoch
+    epoch = state.step // schedule_epoch_steps
     tau = npdraw.gumbel_temperature(epoch, v.tau0, v.tau_min, v.tau_rate)
     rho = npdraw.teacher_forcing_rate(epoch, v.teacher_forcing, v.teacher_forcing_decay)
 
