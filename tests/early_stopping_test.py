@@ -270,7 +270,7 @@ class PriorTest(absltest.TestCase):
     self.assertIsNotNone(stop, f'the held-out NLL never stopped improving: {lines}')
     self.assertEqual(int(state.step), stop)
     self.assertIn(
-      f'Stage prior: stopped early at step {stop}: the held-out bound has not improved since '
+      f'Stage prior: stopped early at step {stop}: the held-out NLL has not improved since '
       f'step {best} (patience 5).',
       _messages(logs),
     )

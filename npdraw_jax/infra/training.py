@@ -267,11 +267,14 @@ def best_step(best: checkpointing.BestCheckpoint | None) -> int | None:
 
 
 def held_out_stop(
-  best: checkpointing.BestCheckpoint, patience: int, every: int
+  best: checkpointing.BestCheckpoint,
+  patience: int,
+  every: int,
+  watched: str = 'the held-out bound',
 ) -> Callable[[int], str | None] | None:
-  """train_loop's early_stop for a stage that checks its held-out bound every
-  `every` steps and keeps its best checkpoint in `best`; None when patience is
-  0 (off)."""
+  """train_loop's early_stop for a stage that checks a held-out measure (named
+  `watched` in the log) every `every` steps and keeps its best checkpoint in
+  `best`; None when patience is 0 (off)."""
   if patience == 0:
     return None
 
@@ -279,7 +282,7 @@ def held_out_stop(
     since = best_step(best)
     if not stops_early(step, since, patience, every):
       return None
-    return f'the held-out bound has not improved since step {since or 0} (patience {patience})'
+    return f'{watched} has not improved since step {since or 0} (patience {patience})'
 
   return reason
 

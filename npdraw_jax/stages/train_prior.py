@@ -248,12 +248,22 @@ def restore_params(config: ml_collections.ConfigDict, checkpoints: checkpointing
   schedule = training.warmup_decay_schedule(p.lr, p.warmup_steps, p.train_steps)
   init_fn = make_init_fn(config, model, schedule)
   best = open_best_checkpoint(config, checkpoints.directory, read_only=True)
-  if best is None or best.best() is None:
-    return training.restore_or_init(checkpoints, init_fn, mesh).params
   try:
-    return best.restore(training.abstract_state(init_fn, mesh)).params
+    params = best_params(best, init_fn, mesh)
   finally:
-    best.close()
+    if best:
+      best.close()
+  if params is None:
+    params = training.restore_or_init(checkpoints, init_fn, mesh).params
+  return params
+
+
+def best_params(best: checkpointing.BestCheckpoint | None, init_fn, mesh):
+  """The parameters of the best held-out checkpoint, or None when none is kept
+  (prior.patience = 0, or no check has run yet)."""
+  if best is None or best.best() is None:
+    return None
+  return best.restore(training.abstract_state(init_fn, mesh)).params
 
 
 def restore_trained_params(
@@ -362,12 +372,16 @@ def train_and_evaluate(
     description=f'{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters',
     evaluate=evaluate_holdout if best else functools.partial(evaluate_on, test_parses),
     eval_split='holdout' if best else 'test',
-    early_stop=training.held_out_stop(best, p.patience, p.eval_every) if best else None,
+    early_stop=(
+      training.held_out_stop(best, p.patience, p.eval_every, watched='the held-out NLL')
+      if best
+      else None
+    ),
   )
-  params = state.params
+  params = best_params(best, init_fn, mesh)  # What the later stages use.
+  if params is None:
+    params = state.params
   if best:
-    if best.best() is not None:  # What the later stages use.
-      params = best.restore(training.abstract_state(init_fn, mesh)).params
     best.close()
   checkpoints.close()
   metrics_log.close()
