@@ -161,7 +161,9 @@ def schedule_steps_per_epoch(config: ml_collections.ConfigDict, steps_per_epoch:
   training split's steps_per_epoch, or with vae.schedule_epoch_examples > 0
   that many examples' worth of vae.batch_size batches."""
   examples = config.vae.schedule_epoch_examples
-  return steps_per_epoch if examples == 0 else examples // config.vae.batch_size
+  if examples == 0:
+    return steps_per_epoch
+  return input_pipeline.steps_per_epoch(examples, config.vae.batch_size)
 
 
 def make_train_step(model: npdraw.NPDraw, config: ml_collections.ConfigDict, mesh, steps_per_epoch):
